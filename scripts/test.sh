@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Set up if needed, then lint (ruff), type-check (mypy) and run the whole test suite on CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+
+.venv/bin/ruff check visionleaf tests benchmarks
+.venv/bin/ruff format --check visionleaf tests benchmarks
+.venv/bin/mypy
+
+status=0
+.venv/bin/python -m pytest -q "$@" || status=$?
+if [[ $status -eq 5 ]]; then  # pytest: no test selected (e.g. a -k filter matched nothing)
+  echo "no tests were selected"
+  status=0
+fi
+exit $status

@@ -1,0 +1,230 @@
+import asyncio
+import itertools
+import math
+import random
+
+import pytest
+from PIL import Image
+
+from tests.rollout.scripted import ScriptedEngine
+from visionleaf.engines.base import EngineError, SamplingParams
+from visionleaf.protocol import build_messages
+from visionleaf.rollout.entropy import ENTROPY_ESTIMATORS, min_entropy, topk_entropy
+from visionleaf.rollout.selection import SELECTION_STRATEGIES
+from visionleaf.rollout.tree import TreeConfig, TreeSampler
+from visionleaf.tools import get_tool
+
+ANSWER = "<think>I see it.</think><answer>A</answer>"
+CALL = '<think>zoom</think><tool_call>{{"name": "image_zoom_in_tool", "arguments": {{"bbox_2d": {}}}}}</tool_call>'
+ZOOM = CALL.format([10, 10, 60, 60])
+BAD_ZOOM = CALL.format([60, 60, 10, 10])  # x1 > x2: the crop tool answers with an error
+
+SCRIPTS = {
+    "answer_first": lambda text, seed: ANSWER,
+    "always_zoom": lambda text, seed: ZOOM,
+    "tool_errors": lambda text, seed: BAD_ZOOM,
+    "mixed": lambda text, seed: (ANSWER, ZOOM, BAD_ZOOM, "<think>hmm</think>")[seed % 4],
+}
+
+
+def run(processor, script, entropy=None, **config):
+    engine = ScriptedEngine(processor.tokenizer, script, entropy)
+    sampler = TreeSampler(engine, processor, TreeConfig(**config))
+    messages = build_messages("What colour is the dot?\n(A) red\n(B) blue", [get_tool("image_zoom_in_tool")])
+    image = Image.new("RGB", (640, 480), "white")
+    leaves, record = asyncio.run(sampler.sample(messages, image, route="uid-0"))
+    return leaves, record, engine
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+@pytest.mark.parametrize(
+    ("budget", "branch", "width"),
+    [(1, 2, None), (2, 2, None), (5, 3, None), (16, 4, None), (16, 2, 8), (7, 4, 1)],
+)
+def test_exactly_budget_leaves(bpe_processor, script, budget, branch, width):
+    leaves, record, _ = run(
+        bpe_processor, SCRIPTS[script], budget=budget, branch_factor=branch, root_width=width, max_turns=3
+    )
+    assert len(leaves) == budget
+    assert record.metrics["leaves"] == budget
+    assert all(leaf.num_turns <= 3 for leaf in leaves)
+    assert len({leaf.node_path[-1] for leaf in leaves}) == budget  # distinct leaves
+
+
+def test_all_answer_at_turn_one_reopens_the_root(bpe_processor):
+    leaves, record, _ = run(bpe_processor, SCRIPTS["answer_first"], budget=16, branch_factor=4)
+    assert all(leaf.num_turns == 1 and leaf.stop_reason == "answer" for leaf in leaves)
+    assert [s.reopened for s in record.splits] == [False, True, True, True]
+    assert all(s.node == 0 for s in record.splits)
+
+
+def test_all_hit_max_turns(bpe_processor):
+    leaves, _, _ = run(bpe_processor, SCRIPTS["always_zoom"], budget=6, branch_factor=2, max_turns=3)
+    assert all(leaf.stop_reason == "max_turns" and leaf.num_turns == 3 for leaf in leaves)
+    # Two crops were executed per leaf (turns 1 and 2); the turn-3 call ends the branch unexecuted.
+    assert all(len(leaf.tool_calls) == 2 and all(c.ok for c in leaf.tool_calls) for leaf in leaves)
+    assert all(len(leaf.images) == 3 and len(leaf.pred_boxes) == 2 for leaf in leaves)
+
+
+def test_tool_errors_become_observations_and_the_branch_goes_on(bpe_processor):
+    leaves, record, _ = run(bpe_processor, SCRIPTS["tool_errors"], budget=4, branch_factor=2, max_turns=2)
+    for leaf in leaves:
+        assert leaf.num_turns == 2 and len(leaf.images) == 1
+        assert [c.ok for c in leaf.tool_calls] == [False]
+        assert leaf.tool_calls[0].error.startswith("Error: bbox_2d needs x1 < x2")
+    assert record.metrics["tool_errors_per_leaf"] == 1.0
+
+
+def _runs(mask):
+    """Maximal runs of equal mask values as (value, start, end)."""
+    out, start = [], 0
+    for value, group in itertools.groupby(mask):
+        n = len(list(group))
+        out.append((value, start, start + n))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("script", sorted(SCRIPTS))
+def test_leaf_tokens_follow_the_node_path_and_mask_zeros_observations(bpe_processor, script):
+    tokenizer = bpe_processor.tokenizer
+    leaves, record, engine = run(bpe_processor, SCRIPTS[script], budget=8, branch_factor=3, max_turns=3)
+    nodes = {n.id: n for n in record.nodes}
+    for leaf in leaves:
+        assert len(leaf.response_ids) == len(leaf.response_mask) == len(leaf.logprobs)
+        # The node spans tile the response, and nodes shared by two leaves have the same tokens there.
+        spans = [nodes[i].span for i in leaf.node_path[1:]]
+        assert spans[0][0] == 0 and spans[-1][1] == len(leaf.response_ids)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(spans))
+        # Model tokens are exactly the scripted turns; everything else is the observation.
+        model_runs = [r for r in _runs(leaf.response_mask) if r[0] == 1]
+        assert [tokenizer.decode(leaf.response_ids[s:e]) for _, s, e in model_runs] == leaf.turn_texts
+        for value, s, e in _runs(leaf.response_mask):
+            if value == 0:
+                text = tokenizer.decode(leaf.response_ids[s:e])
+                assert text == "<|im_end|>" or (
+                    text.startswith("<|im_end|>\n<|im_start|>user\n<tool_response>")
+                    and text.endswith("</tool_response><|im_end|>\n<|im_start|>assistant\n")
+                )
+        assert all(lp == 0.0 for lp, m in zip(leaf.logprobs, leaf.response_mask, strict=True) if m == 0)
+        assert all(lp == -0.5 for lp, m in zip(leaf.logprobs, leaf.response_mask, strict=True) if m == 1)
+    by_node = {}
+    for leaf in leaves:
+        for node_id in leaf.node_path[1:]:
+            start, end = nodes[node_id].span
+            by_node.setdefault(node_id, set()).add(tuple(leaf.response_ids[start:end]))
+    assert all(len(v) == 1 for v in by_node.values())
+    # The engine saw, for each leaf's last turn, exactly the prompt and the earlier turns.
+    seen = {p.token_ids for call in engine.generate_calls for p in call}
+    for leaf in leaves:
+        last = nodes[leaf.node_path[-1]].span[0]
+        assert tuple(leaf.prompt_ids + leaf.response_ids[:last]) in seen
+
+
+def test_chain_mode_shares_no_turn_boundary(bpe_processor):
+    leaves, record, engine = run(bpe_processor, SCRIPTS["mixed"], budget=8, mode="chain", max_turns=3)
+    paths = [set(leaf.node_path[1:]) for leaf in leaves]
+    assert all(not (a & b) for a, b in itertools.combinations(paths, 2))
+    assert len(record.splits) == 1 and record.splits[0].node == 0 and record.splits[0].new_branches == 7
+    assert engine.probe_calls == []  # a single candidate needs no entropy
+    assert record.metrics["unique_tokens"] == record.metrics["chain_tokens"] - 7 * len(leaves[0].prompt_ids)
+
+
+def _entropy_by_text(text):
+    return (hash(text) % 1000) / 100.0
+
+
+@pytest.mark.parametrize(("selection", "pick"), [("high", max), ("low", min)])
+def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection, pick):
+    script = lambda text, seed: (ZOOM, ZOOM, ANSWER)[seed % 3]  # noqa: E731
+    _, record, _ = run(
+        bpe_processor, script, _entropy_by_text, budget=16, branch_factor=2, selection=selection, max_turns=4
+    )
+    nodes = {n.id: n for n in record.nodes}
+    compared = [s for s in record.splits if len(s.candidates) > 1]
+    assert compared, "the scenario must compare candidates"
+    for split in compared:
+        entropies = [nodes[c].entropy for c in split.candidates]
+        assert None not in entropies
+        assert nodes[split.node].entropy == pick(entropies)
+
+
+def test_random_selection_is_seed_reproducible(bpe_processor):
+    script = lambda text, seed: (ZOOM, ANSWER)[seed % 2]  # noqa: E731
+    kwargs = {"budget": 12, "branch_factor": 2, "selection": "random", "max_turns": 4}
+    _, a, _ = run(bpe_processor, script, seed=3, **kwargs)
+    _, b, _ = run(bpe_processor, script, seed=3, **kwargs)
+    _, c, _ = run(bpe_processor, script, seed=4, **kwargs)
+    assert a.nodes == b.nodes and a.splits == b.splits
+    assert (a.nodes, a.splits) != (c.nodes, c.splits)
+
+
+def test_length_limits_end_branches(bpe_processor):
+    long_turn = lambda text, seed: "<think>" + "blah " * 200  # noqa: E731  never closes, never stops
+    leaves, _, _ = run(bpe_processor, long_turn, budget=3, branch_factor=3, sampling=SamplingParams(max_new_tokens=16))
+    assert all(leaf.stop_reason == "length" and leaf.num_turns == 1 for leaf in leaves)
+    assert all(len(leaf.response_ids) == 16 for leaf in leaves)
+    # The response budget ends a branch before it can overflow.
+    leaves, _, _ = run(
+        bpe_processor, SCRIPTS["always_zoom"], budget=2, branch_factor=2, max_turns=5, max_response_tokens=600
+    )
+    assert all(leaf.stop_reason == "length" and len(leaf.response_ids) <= 600 for leaf in leaves)
+
+
+def test_engine_failure_fails_the_group(bpe_processor):
+    class Broken(ScriptedEngine):
+        async def generate(self, prefixes, sampling, seeds):
+            raise EngineError("server 127.0.0.1:1 unreachable after 3 tries")
+
+    sampler = TreeSampler(Broken(bpe_processor.tokenizer, SCRIPTS["answer_first"]), bpe_processor, TreeConfig(budget=2))
+    with pytest.raises(EngineError, match="unreachable"):
+        asyncio.run(sampler.sample(build_messages("q", []), Image.new("RGB", (64, 64))))
+
+    class Short(ScriptedEngine):
+        async def generate(self, prefixes, sampling, seeds):
+            return (await super().generate(prefixes, sampling, seeds))[:-1]
+
+    sampler = TreeSampler(Short(bpe_processor.tokenizer, SCRIPTS["answer_first"]), bpe_processor, TreeConfig(budget=2))
+    with pytest.raises(EngineError, match="continuations for 2 prefixes"):
+        asyncio.run(sampler.sample(build_messages("q", []), Image.new("RGB", (64, 64))))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"budget": 0}, "tree.budget must be >= 1"),
+        ({"budget": 4, "branch_factor": 1}, "set tree.mode=chain"),
+        ({"budget": 4, "root_width": 5}, "tree.root_width must be in"),
+        ({"max_turns": 0}, "tree.max_turns"),
+        ({"mode": "forest"}, "tree.mode"),
+        (
+            {"selection": "best"},
+            "unknown selection strategy 'best'; registered: \\['high', 'low', 'random'\\]",
+        ),
+        ({"entropy": "gini"}, "unknown entropy estimator"),
+    ],
+)
+def test_config_errors_say_what_to_set(kwargs, words):
+    with pytest.raises((ValueError, KeyError), match=words):
+        TreeConfig(**kwargs)
+
+
+def test_chain_mode_allows_branch_factor_one():
+    assert TreeConfig(budget=8, branch_factor=1, mode="chain").width == 8
+
+
+def test_entropy_estimators():
+    assert min_entropy([math.log(0.5), math.log(0.3)]) == pytest.approx(math.log(2))
+    # top-2 covers all the mass: plain Shannon entropy
+    assert topk_entropy([math.log(0.5), math.log(0.5)]) == pytest.approx(math.log(2))
+    # top-1 of 0.5: 0.5*log2 from the token and 0.5*log2 from the tail bucket
+    assert topk_entropy([math.log(0.5)]) == pytest.approx(math.log(2))
+    assert sorted(ENTROPY_ESTIMATORS) == ["min", "topk"]
+
+
+def test_selection_strategies():
+    rng = random.Random(0)
+    assert SELECTION_STRATEGIES.get("high")([0.1, 0.9, 0.5], rng) == 1
+    assert SELECTION_STRATEGIES.get("low")([0.1, 0.9, 0.5], rng) == 0
+    picks = {SELECTION_STRATEGIES.get("random")([0.0] * 3, random.Random(s)) for s in range(30)}
+    assert picks == {0, 1, 2}

@@ -1,0 +1,85 @@
+"""Grounding reward of a predicted crop box against hierarchical GT boxes (LFPC stage II, SPEC §4).
+
+All boxes are ``(x1, y1, x2, y2)`` in original-image pixels. A box with ``x2 <= x1`` or ``y2 <= y1``
+has zero area: it never crashes anything and its IoU is 0.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+Box = tuple[float, float, float, float]
+"""(x1, y1, x2, y2) in pixels."""
+
+
+def as_box(values: Sequence[float]) -> Box:
+    """``values`` as a :data:`Box`; ``ValueError`` unless it is 4 finite numbers."""
+    if isinstance(values, (str, bytes)):
+        raise ValueError(f"a box must be 4 numbers [x1, y1, x2, y2] in pixels, got the string {values!r}")
+    try:
+        box = tuple(float(v) for v in values)
+    except (TypeError, ValueError):
+        raise ValueError(f"a box must be 4 numbers [x1, y1, x2, y2] in pixels, got {values!r}") from None
+    if len(box) != 4 or not all(math.isfinite(v) for v in box):
+        raise ValueError(f"a box must be 4 finite numbers [x1, y1, x2, y2] in pixels, got {values!r}")
+    return box[0], box[1], box[2], box[3]
+
+
+def box_area(box: Box) -> float:
+    """Area in pixels²; 0 for a degenerate box."""
+    return max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+
+
+def intersection_area(a: Box, b: Box) -> float:
+    """Area of ``a ∩ b`` in pixels²."""
+    return box_area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+
+
+def box_iou(a: Box, b: Box) -> float:
+    """Intersection over union; 0 when the union is empty."""
+    inter = intersection_area(a, b)
+    union = box_area(a) + box_area(b) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def clamp_box(box: Box, image_size: tuple[float, float]) -> Box:
+    """``box`` clamped to the image ``[0, w] x [0, h]`` (a box fully outside becomes a border line)."""
+    w, h = image_size
+    x1, y1, x2, y2 = (min(max(v, 0.0), limit) for v, limit in zip(box, (w, h, w, h), strict=True))
+    return x1, y1, x2, y2
+
+
+def grounding_reward(
+    pred_box: Sequence[float] | None,
+    gt_boxes: Sequence[Sequence[float]],
+    image_size: Sequence[float],
+    coverage_threshold: float = 0.9,
+) -> dict[str, float]:
+    """LFPC grounding reward of ``pred_box`` against ``gt_boxes`` (g_1 smallest .. g_K), original pixels.
+
+    LFPC stage II grounding reward: ``coverage = area(b ∩ g_1) / area(g_1)``;
+    ``r_iou = max_k IoU(b, g_k)`` if ``coverage >= coverage_threshold`` else 0;
+    ``r_l1 = 1 - min_k mean_i |b_i - g_k,i|`` with x corners divided by the image width and y corners by
+    the height, clipped to [0, 1]; ``score = r_iou + r_l1`` in [0, 2].
+
+    ``pred_box`` is clamped to the image first (the crop tool cuts only inside it); GT boxes are used
+    as given. No prediction or no GT boxes: all zeros. ``image_size`` is (width, height) in pixels.
+    Returns ``{"iou": r_iou, "l1": r_l1, "coverage": coverage, "score": r_iou + r_l1}``.
+    """
+    if len(image_size) != 2 or not all(math.isfinite(float(v)) and float(v) > 0 for v in image_size):
+        raise ValueError(f"image_size must be (width, height) > 0 in pixels, got {image_size!r}")
+    zeros = {"iou": 0.0, "l1": 0.0, "coverage": 0.0, "score": 0.0}
+    if pred_box is None or len(gt_boxes) == 0:
+        return zeros
+    w, h = float(image_size[0]), float(image_size[1])
+    b = clamp_box(as_box(pred_box), (w, h))
+    gts = [as_box(g) for g in gt_boxes]
+
+    smallest_area = box_area(gts[0])
+    coverage = intersection_area(b, gts[0]) / smallest_area if smallest_area > 0 else 0.0
+    r_iou = max(box_iou(b, g) for g in gts) if coverage >= coverage_threshold else 0.0
+    scale = (w, h, w, h)
+    l1 = min(sum(abs(bi - gi) / s for bi, gi, s in zip(b, g, scale, strict=True)) / 4 for g in gts)
+    r_l1 = min(max(1.0 - l1, 0.0), 1.0)
+    return {"iou": r_iou, "l1": r_l1, "coverage": coverage, "score": r_iou + r_l1}

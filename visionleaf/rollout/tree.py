@@ -1,0 +1,436 @@
+"""Entropy-guided leaf-first tree rollout (VisionLeaf §3; SPEC §3). Pure asyncio: no Ray, no HTTP.
+
+A node is a prefix of turns; a turn is thought + action + observation. Starting from the prompt, the
+sampler repeatedly splits the most uncertain open node into clones that share its prefix, advances every
+open branch by one turn (running tools in between), and collects finished branches as leaves, until
+exactly ``budget`` leaves exist::
+
+    A = [root]; C = []
+    while len(C) < N:
+        room = N - (len(A) + len(C))
+        if room > 0:
+            candidates = A or open internal nodes (root included)
+            n* = select(entropy(candidates))        # high | low | random | registered
+            k = W if n* is root else B
+            n* in A ? clone n* to min(k, room + 1) branches : add min(k, room) branches at n*
+        advance every branch of A by one turn; move finished ones to C
+
+``mode="chain"`` is the same loop with W = N and no later splits: N independent multi-turn rollouts,
+the vanilla GRPO baseline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from PIL import Image
+
+from visionleaf.engines.base import Engine, EngineError, EngineStats, Prefix, SamplingParams, image_key
+from visionleaf.protocol import (
+    IM_END,
+    expand_image_pads,
+    image_pixel_budget,
+    observation_text,
+    render_prompt,
+)
+from visionleaf.rollout.entropy import ENTROPY_ESTIMATORS
+from visionleaf.rollout.selection import SELECTION_STRATEGIES
+from visionleaf.tools import ToolCall, ToolContext, parse_turn, run_tool
+from visionleaf.tools.crop import model_size
+
+StopReason = Literal["answer", "no_action", "max_turns", "length"]
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """Tree rollout settings. Errors say what to set instead."""
+
+    budget: int = 16
+    """N: finished leaves per prompt (the GRPO group size)."""
+    branch_factor: int = 4
+    """B: branches a split creates below the root."""
+    root_width: int | None = None
+    """W: branches a split of the root creates (default B; chain mode forces N)."""
+    max_turns: int = 5
+    """Assistant turns per branch; a branch still calling tools at this depth ends."""
+    mode: Literal["tree", "chain"] = "tree"
+    """``tree``: entropy-guided splits; ``chain``: N independent chains (vanilla multi-turn GRPO)."""
+    selection: str = "high"
+    """Node selection strategy (``high`` | ``low`` | ``random`` | registered name)."""
+    entropy: str = "min"
+    """Node entropy estimator (``min`` | ``topk`` | registered name)."""
+    top_logprobs: int = 20
+    """Top-k logprobs the entropy probe asks for (``min`` uses the first)."""
+    max_response_tokens: int = 4096
+    """Response tokens (model + observation) per branch; a branch over it ends with ``length``."""
+    max_context_tokens: int = 8192
+    """Prompt + response tokens per branch (the model's context)."""
+    tools: tuple[str, ...] = ("image_zoom_in_tool",)
+    """Tools the model is offered; other names get an ``Error:`` observation."""
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    """Per-turn sampling."""
+    seed: int = 0
+    """Seeds selection and sampling: same seed, same engine -> same tree."""
+
+    def __post_init__(self) -> None:
+        if self.budget < 1:
+            raise ValueError(f"tree.budget must be >= 1, got {self.budget}")
+        if self.mode not in ("tree", "chain"):
+            raise ValueError(f"tree.mode must be 'tree' or 'chain', got {self.mode!r}")
+        if self.mode == "tree" and self.budget > 1 and self.branch_factor < 2:
+            raise ValueError(
+                f"tree.branch_factor must be >= 2 when tree.budget > 1, got {self.branch_factor}; "
+                "set tree.mode=chain for independent rollouts"
+            )
+        if self.root_width is not None and not 1 <= self.root_width <= self.budget:
+            raise ValueError(f"tree.root_width must be in [1, budget={self.budget}], got {self.root_width}")
+        if self.max_turns < 1:
+            raise ValueError(f"tree.max_turns must be >= 1, got {self.max_turns}")
+        if self.top_logprobs < 1:
+            raise ValueError(f"tree.top_logprobs must be >= 1, got {self.top_logprobs}")
+        SELECTION_STRATEGIES.get(self.selection)
+        ENTROPY_ESTIMATORS.get(self.entropy)
+
+    @property
+    def width(self) -> int:
+        """Branches a root split creates."""
+        if self.mode == "chain":
+            return self.budget
+        return self.root_width if self.root_width is not None else self.branch_factor
+
+
+@dataclass(frozen=True)
+class ToolCallRecord:
+    """One executed (or refused) tool call."""
+
+    name: str
+    arguments: Mapping[str, Any]
+    ok: bool
+    """True when the tool returned an observation that is not an error."""
+    error: str | None
+    """The ``Error:`` text when not ok."""
+    box: tuple[float, float, float, float] | None
+    """Crop box in original-image pixels (zoom calls that succeeded)."""
+
+
+@dataclass(frozen=True)
+class Leaf:
+    """One finished trajectory: everything the trainer and the reward need."""
+
+    prompt_ids: list[int]
+    """Prompt tokens (image pads expanded), ending with the assistant header."""
+    response_ids: list[int]
+    """Model and observation tokens of every turn, in order."""
+    response_mask: list[int]
+    """1 on sampled tokens, 0 on observation tokens (and a closing ``<|im_end|>`` the sampler added)."""
+    logprobs: list[float]
+    """Sampling log-probability of each response token; 0 where ``response_mask`` is 0."""
+    images: list[Image.Image]
+    """Every image the model saw, in order: the global view, then each observation's images."""
+    turn_texts: list[str]
+    """Decoded model text of each turn."""
+    tool_calls: list[ToolCallRecord]
+    """Tool calls in order (an unparseable call counts as a failed call named ``<malformed>``)."""
+    num_turns: int
+    """Assistant turns."""
+    stop_reason: StopReason
+    """Why the branch ended: ``answer``, ``no_action``, ``max_turns`` or ``length``."""
+    node_path: list[int]
+    """Node ids from the root (0) to this leaf."""
+
+    @property
+    def pred_boxes(self) -> list[tuple[float, float, float, float]]:
+        """Boxes of the successful crops, original pixels, in call order."""
+        return [c.box for c in self.tool_calls if c.ok and c.box is not None]
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """One node of the finished tree."""
+
+    id: int
+    parent: int | None
+    depth: int
+    """Turns from the root."""
+    entropy: float | None
+    """Entropy of the first token after the node (None when it was never a scored candidate)."""
+    split: bool
+    """Whether branches were cloned or re-opened at this node."""
+    span: tuple[int, int]
+    """Response-token offsets [start, end) of this node's turn, the same in every leaf below it."""
+    terminal: bool
+
+
+@dataclass(frozen=True)
+class SplitRecord:
+    """One split decision."""
+
+    node: int
+    """Id of the node that was split."""
+    candidates: tuple[int, ...]
+    """Ids of the nodes it was chosen from."""
+    new_branches: int
+    """Branches added at the node."""
+    reopened: bool
+    """True when the frontier was empty and a finished subtree was re-opened."""
+
+
+@dataclass(frozen=True)
+class TreeRecord:
+    """The tree of one prompt, with its metrics."""
+
+    nodes: list[NodeRecord]
+    splits: list[SplitRecord]
+    metrics: dict[str, float]
+    """leaves, splits, unique_tokens, chain_tokens, engine_computed_tokens, engine_cached_tokens,
+    tool_calls_per_leaf, tool_errors_per_leaf, mean_turns, max_depth, wall_time_s, probe_time_s."""
+
+
+@dataclass(eq=False)
+class _Node:
+    id: int
+    parent: _Node | None
+    depth: int
+    prefix: Prefix
+    response_len: int
+    turn_ids: list[int] = field(default_factory=list)
+    turn_mask: list[int] = field(default_factory=list)
+    turn_logprobs: list[float] = field(default_factory=list)
+    turn_text: str = ""
+    new_images: list[Image.Image] = field(default_factory=list)
+    tool_calls: list[ToolCallRecord] = field(default_factory=list)
+    stop_reason: StopReason | None = None
+    entropy: float | None = None
+    split: bool = False
+
+    @property
+    def terminal(self) -> bool:
+        return self.stop_reason is not None
+
+    def path(self) -> list[_Node]:
+        node: _Node | None = self
+        nodes = []
+        while node is not None:
+            nodes.append(node)
+            node = node.parent
+        return nodes[::-1]
+
+
+class TreeSampler:
+    """Samples ``config.budget`` leaves per prompt from an :class:`Engine`, with tools between turns."""
+
+    def __init__(self, engine: Engine, processor: Any, config: TreeConfig) -> None:
+        self.engine = engine
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.config = config
+        self.crop_min_pixels, self.crop_max_pixels = image_pixel_budget(processor.image_processor)
+        self.im_end_id = self.tokenizer.convert_tokens_to_ids(IM_END)
+        self._select = SELECTION_STRATEGIES.get(config.selection)
+        self._entropy = ENTROPY_ESTIMATORS.get(config.entropy)
+
+    async def sample(
+        self,
+        messages: Sequence[dict[str, Any]],
+        image: Image.Image,
+        original_image: Image.Image | None = None,
+        route: str = "",
+        seed: int | None = None,
+    ) -> tuple[list[Leaf], TreeRecord]:
+        """Grow one tree for a prompt. ``image`` is the global view the model sees; crops are cut from
+        ``original_image`` (default: ``image``). Raises :class:`EngineError` when the engine fails."""
+        cfg = self.config
+        start, before = time.perf_counter(), self.engine.stats.snapshot()
+        rng = random.Random(cfg.seed if seed is None else seed)
+        original = original_image if original_image is not None else image
+        context = ToolContext(
+            original_image=original,
+            model_size=model_size(image.size, self.crop_min_pixels, self.crop_max_pixels),
+            crop_min_pixels=self.crop_min_pixels,
+            crop_max_pixels=self.crop_max_pixels,
+        )
+        prompt_ids = self._encode(render_prompt(self.processor, messages), [image])
+        root = _Node(0, None, 0, Prefix(tuple(prompt_ids), (image,), (image_key(image),), route), 0)
+        nodes = [root]
+        frontier: list[_Node] = [root]
+        leaves: list[_Node] = []
+        splits: list[SplitRecord] = []
+        probe_time = 0.0
+
+        while len(leaves) < cfg.budget:
+            room = cfg.budget - len(frontier) - len(leaves)
+            if room > 0:
+                in_frontier = bool(frontier)
+                candidates = list(frontier) if in_frontier else [n for n in nodes if not n.terminal]
+                t0 = time.perf_counter()
+                chosen = await self._choose(candidates, rng)
+                probe_time += time.perf_counter() - t0
+                width = cfg.width if chosen is root else cfg.branch_factor
+                new = min(width, room + 1) - 1 if in_frontier else min(width, room)
+                frontier += [chosen] * new
+                if new > 0:
+                    chosen.split = True
+                    splits.append(SplitRecord(chosen.id, tuple(c.id for c in candidates), new, not in_frontier))
+            seeds = [rng.getrandbits(63) for _ in frontier]
+            children = await self._advance(frontier, context, seeds, first_id=len(nodes))
+            nodes += children
+            frontier = [c for c in children if not c.terminal]
+            leaves += [c for c in children if c.terminal]
+
+        return self._finish(root, nodes, leaves, splits, probe_time, start, before)
+
+    def _encode(self, text: str, images: Sequence[Image.Image]) -> list[int]:
+        expanded = expand_image_pads(text, images, self.processor.image_processor)
+        return list(self.tokenizer.encode(expanded, add_special_tokens=False))
+
+    async def _choose(self, candidates: list[_Node], rng: random.Random) -> _Node:
+        """The node to split; scores candidates that have no entropy yet (one batched probe)."""
+        if len(candidates) == 1:  # nothing to compare: skip the probe
+            return candidates[0]
+        unscored = [n for n in candidates if n.entropy is None]
+        if unscored:
+            top = await self.engine.probe([n.prefix for n in unscored], self.config.top_logprobs)
+            if len(top) != len(unscored):
+                raise EngineError(f"engine answered {len(top)} probes for {len(unscored)} prefixes")
+            for node, logprobs in zip(unscored, top, strict=True):
+                node.entropy = self._entropy(logprobs)
+        return candidates[self._select([n.entropy or 0.0 for n in candidates], rng)]
+
+    async def _advance(
+        self, frontier: list[_Node], context: ToolContext, seeds: list[int], first_id: int
+    ) -> list[_Node]:
+        """One turn for every branch: sample, parse, run tools, build the child nodes."""
+        cfg = self.config
+        continuations = await self.engine.generate([n.prefix for n in frontier], cfg.sampling, seeds)
+        if len(continuations) != len(frontier):
+            raise EngineError(f"engine answered {len(continuations)} continuations for {len(frontier)} prefixes")
+        children = []
+        for i, (parent, cont) in enumerate(zip(frontier, continuations, strict=True)):
+            child = _Node(
+                id=first_id + i,
+                parent=parent,
+                depth=parent.depth + 1,
+                prefix=parent.prefix,
+                response_len=parent.response_len,
+                turn_ids=list(cont.token_ids),
+                turn_mask=[1] * len(cont.token_ids),
+                turn_logprobs=list(cont.logprobs),
+                turn_text=self.tokenizer.decode(cont.token_ids, skip_special_tokens=False),
+            )
+            if cont.finish_reason == "stop":  # close the turn as the chat template does (not sampled)
+                self._append(child, [self.im_end_id], [], mask=0)
+            await self._finish_turn(child, cont.finish_reason == "length", context)
+            children.append(child)
+        return children
+
+    def _append(self, node: _Node, ids: list[int], images: list[Image.Image], mask: int) -> None:
+        node.turn_ids += ids
+        node.turn_mask += [mask] * len(ids)
+        node.turn_logprobs += [0.0] * len(ids)
+        node.new_images += images
+
+    async def _finish_turn(self, node: _Node, truncated: bool, context: ToolContext) -> None:
+        """Decide whether the branch ends; otherwise run the tool and append the observation."""
+        cfg = self.config
+        turn = parse_turn(node.turn_text)
+        if turn.answer is not None:
+            node.stop_reason = "answer"
+        elif truncated:
+            node.stop_reason = "length"
+        elif turn.is_final:
+            node.stop_reason = "no_action"
+        elif node.depth >= cfg.max_turns:
+            node.stop_reason = "max_turns"
+        else:
+            texts = list(turn.call_errors)
+            node.tool_calls += [ToolCallRecord("<malformed>", {}, False, e, None) for e in turn.call_errors]
+            images: list[Image.Image] = []
+            for call in turn.tool_calls:
+                obs = await asyncio.to_thread(run_tool, call, context, cfg.tools)
+                node.tool_calls.append(_record(call, obs.ok, obs.text, obs.box))
+                texts.insert(0, obs.text)
+                images += obs.images
+            text = "\n".join(t for t in texts if t)
+            self._append(node, self._encode(observation_text(text, len(images)), images), images, mask=0)
+        prefix = node.parent.prefix if node.parent else node.prefix
+        node.prefix = Prefix(
+            prefix.token_ids + tuple(node.turn_ids),
+            prefix.images + tuple(node.new_images),
+            prefix.image_keys + tuple(image_key(im) for im in node.new_images),
+            prefix.route,
+        )
+        node.response_len += len(node.turn_ids)
+        over_budget = node.response_len + cfg.sampling.max_new_tokens > cfg.max_response_tokens
+        over_context = len(node.prefix.token_ids) + cfg.sampling.max_new_tokens > cfg.max_context_tokens
+        if not node.terminal and (over_budget or over_context):
+            node.stop_reason = "length"
+
+    def _finish(
+        self,
+        root: _Node,
+        nodes: list[_Node],
+        leaves: list[_Node],
+        splits: list[SplitRecord],
+        probe_time: float,
+        start: float,
+        before: EngineStats,
+    ) -> tuple[list[Leaf], TreeRecord]:
+        prompt_ids = list(root.prefix.token_ids)
+        out = [self._leaf(prompt_ids, leaf) for leaf in leaves]
+        records = []
+        for node in nodes:
+            offset = node.response_len - len(node.turn_ids)
+            records.append(
+                NodeRecord(
+                    id=node.id,
+                    parent=node.parent.id if node.parent else None,
+                    depth=node.depth,
+                    entropy=node.entropy,
+                    split=node.split,
+                    span=(offset, node.response_len),
+                    terminal=node.terminal,
+                )
+            )
+        engine = self.engine.stats.since(before)
+        n = len(out)
+        metrics = {
+            "leaves": float(n),
+            "splits": float(len(splits)),
+            "unique_tokens": float(len(prompt_ids) + sum(len(node.turn_ids) for node in nodes)),
+            "chain_tokens": float(sum(len(leaf.prompt_ids) + len(leaf.response_ids) for leaf in out)),
+            "engine_computed_tokens": float(engine.computed_tokens),
+            "engine_cached_tokens": float(engine.cached_tokens),
+            "tool_calls_per_leaf": sum(len(leaf.tool_calls) for leaf in out) / n,
+            "tool_errors_per_leaf": sum(not c.ok for leaf in out for c in leaf.tool_calls) / n,
+            "mean_turns": sum(leaf.num_turns for leaf in out) / n,
+            "max_depth": float(max(node.depth for node in nodes)),
+            "wall_time_s": time.perf_counter() - start,
+            "probe_time_s": probe_time,
+        }
+        return out, TreeRecord(records, splits, metrics)
+
+    def _leaf(self, prompt_ids: list[int], node: _Node) -> Leaf:
+        path = node.path()
+        turns = path[1:]
+        assert node.stop_reason is not None
+        return Leaf(
+            prompt_ids=prompt_ids,
+            response_ids=[t for n in turns for t in n.turn_ids],
+            response_mask=[m for n in turns for m in n.turn_mask],
+            logprobs=[lp for n in turns for lp in n.turn_logprobs],
+            images=list(node.prefix.images),
+            turn_texts=[n.turn_text for n in turns],
+            tool_calls=[c for n in turns for c in n.tool_calls],
+            num_turns=len(turns),
+            stop_reason=node.stop_reason,
+            node_path=[n.id for n in path],
+        )
+
+
+def _record(call: ToolCall, ok: bool, text: str, box: tuple[float, float, float, float] | None) -> ToolCallRecord:
+    return ToolCallRecord(call.name, dict(call.arguments), ok, None if ok else text, box if ok else None)
