@@ -1,0 +1,334 @@
+"""In-process transformers engine (CPU or one GPU) with a prefix KV cache at turn boundaries.
+
+What it guarantees, like sglang's radix cache or vLLM's prefix cache:
+
+- **No recomputation of shared prefixes.** KV states are kept per prefix (token ids + image content
+  keys), matched by longest prefix, LRU-evicted under a byte cap. After a turn is sampled its KV is
+  stored too, so the next turn only prefills the observation. Siblings (identical prefixes in one
+  ``generate`` call) prefill once and decode together in one batch.
+- **Exact positions.** Qwen2.5-VL's 3-D mRoPE positions of a suffix are computed on the suffix alone and
+  offset by the cached prefix's next position (``get_rope_index`` is sequential, so this equals the
+  positions of the whole sequence).
+- **Logprobs of the distribution actually sampled from**: vision special tokens and padded vocabulary
+  entries are masked, logits divided by the temperature, top-k / top-p applied and renormalised; the
+  logprob of each sampled token is taken from that distribution (at temperature 0, greedy, from the
+  untempered one). Sampling is inverse-CDF with one seeded generator per sequence, so a sequence's tokens
+  do not depend on which other sequences share its batch.
+- **Entropy probe for free**: ``probe`` prefills the prefix (kept in the cache for the clones that follow)
+  and reads the next-token distribution from the prefill logits; no extra forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from visionleaf.engines.base import Continuation, EngineStats, FinishReason, Prefix, SamplingParams
+
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
+STOP_WINDOW = 16
+"""Generated tokens decoded to look for a stop string (stop strings span fewer tokens)."""
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """KV states of one prefix."""
+
+    token_ids: tuple[int, ...]
+    image_keys: tuple[str, ...]
+    kv: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    """Per layer (keys, values), each [kv_heads, len(token_ids), head_dim]."""
+    last_logits: torch.Tensor
+    """[vocab] logits of the token after the prefix."""
+    next_position: int
+    """mRoPE position of the token after the prefix."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv) + self.last_logits.nbytes
+
+    def matches(self, prefix: Prefix) -> bool:
+        """True when this entry is a prefix of ``prefix`` (tokens and images)."""
+        n, m = len(self.token_ids), len(self.image_keys)
+        return (
+            n <= len(prefix.token_ids)
+            and prefix.token_ids[:n] == self.token_ids
+            and prefix.image_keys[:m] == self.image_keys
+        )
+
+
+class PrefixCache:
+    """Longest-prefix lookup over :class:`CacheEntry`, LRU-evicted above ``max_bytes`` (0 disables)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[tuple[int, ...], tuple[str, ...]], CacheEntry] = OrderedDict()
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, prefix: Prefix) -> CacheEntry | None:
+        best: CacheEntry | None = None
+        for entry in self._entries.values():
+            if (best is None or len(entry.token_ids) > len(best.token_ids)) and entry.matches(prefix):
+                best = entry
+        if best is not None:
+            self._entries.move_to_end((best.token_ids, best.image_keys))
+        return best
+
+    def put(self, entry: CacheEntry) -> None:
+        key = (entry.token_ids, entry.image_keys)
+        if self.max_bytes <= 0 or key in self._entries or entry.nbytes > self.max_bytes:
+            return
+        self._entries[key] = entry
+        self.nbytes += entry.nbytes
+        while self.nbytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self.nbytes -= evicted.nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+class HFEngine:
+    """:class:`~visionleaf.engines.base.Engine` over an in-process Qwen2.5-VL-style model."""
+
+    def __init__(
+        self,
+        model: Any,
+        processor: Any,
+        cache_max_bytes: int = 1 << 30,
+        max_batch_size: int = 32,
+    ) -> None:
+        self.model = model.eval()
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.cache = PrefixCache(cache_max_bytes)
+        self.max_batch_size = max_batch_size
+        self.stats = EngineStats()
+        self.device = next(model.parameters()).device
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.eos_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS}
+        banned = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        banned += range(len(self.tokenizer), vocab)  # padded embedding rows are not tokens
+        self.banned = torch.tensor(sorted(set(banned)), dtype=torch.long)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self._lock = asyncio.Lock()
+
+    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[float, ...]]:
+        async with self._lock:
+            return await asyncio.to_thread(self._probe, prefixes, top_k)
+
+    async def generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
+        if len(seeds) != len(prefixes):
+            raise ValueError(f"need one seed per prefix, got {len(seeds)} seeds for {len(prefixes)} prefixes")
+        async with self._lock:
+            return await asyncio.to_thread(self._generate, prefixes, sampling, seeds)
+
+    @torch.inference_mode()
+    def _probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[float, ...]]:
+        out = []
+        for prefix in prefixes:
+            entry = self._prefill(prefix)
+            logprobs = torch.log_softmax(self._mask(entry.last_logits[None]), dim=-1)[0]
+            out.append(tuple(logprobs.topk(min(top_k, logprobs.numel())).values.tolist()))
+        return out
+
+    @torch.inference_mode()
+    def _generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
+        # One prefill per distinct prefix; its rows (siblings) reuse it.
+        entries: dict[tuple[tuple[int, ...], tuple[str, ...]], CacheEntry] = {}
+        rows = []
+        for prefix in prefixes:
+            key = (prefix.token_ids, prefix.image_keys)
+            if key not in entries:
+                entries[key] = self._prefill(prefix)
+            else:
+                self._count_prompt(prefix, cached=len(prefix.token_ids))
+            rows.append(entries[key])
+        out: list[Continuation] = []
+        for start in range(0, len(rows), self.max_batch_size):
+            batch = slice(start, start + self.max_batch_size)
+            out += self._decode(rows[batch], seeds[batch], sampling)
+        return out
+
+    def _count_prompt(self, prefix: Prefix, cached: int) -> None:
+        self.stats.requests += 1
+        self.stats.prompt_tokens += len(prefix.token_ids)
+        self.stats.cached_tokens += cached
+        self.stats.computed_tokens += len(prefix.token_ids) - cached
+
+    def _prefill(self, prefix: Prefix) -> CacheEntry:
+        """KV of ``prefix``: from the cache, or by prefilling what the longest cached prefix lacks."""
+        hit = self.cache.lookup(prefix)
+        start = len(hit.token_ids) if hit else 0
+        self._count_prompt(prefix, cached=start)
+        if hit is not None and start == len(prefix.token_ids):
+            return hit
+        suffix = torch.tensor(prefix.token_ids[start:], dtype=torch.long, device=self.device)[None]  # [1, S]
+        n_before = len(hit.image_keys) if hit else 0
+        images = list(prefix.images[n_before:])
+        vision: dict[str, torch.Tensor] = {}
+        grid = None
+        if images:
+            processed = self.processor.image_processor(images=images, return_tensors="pt")
+            grid = processed["image_grid_thw"].to(self.device)  # [n_images, 3]
+            vision = {
+                "pixel_values": processed["pixel_values"].to(self.device, self.model.dtype),
+                "image_grid_thw": grid,
+            }
+        token_types = (suffix == self.image_token_id).int()  # [1, S]
+        positions, _ = self.model.model.get_rope_index(suffix, token_types, image_grid_thw=grid)  # [3, 1, S]
+        positions = positions + (hit.next_position if hit else 0)
+        cache = DynamicCache(ddp_cache_data=[(k[None], v[None]) for k, v in hit.kv]) if hit else DynamicCache()
+        output = self.model(
+            input_ids=suffix,
+            position_ids=positions,
+            attention_mask=torch.ones(1, len(prefix.token_ids), dtype=torch.long, device=self.device),
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            **vision,
+        )
+        entry = CacheEntry(
+            token_ids=prefix.token_ids,
+            image_keys=prefix.image_keys,
+            kv=tuple((k[0], v[0]) for k, v in _layers(output.past_key_values)),
+            last_logits=output.logits[0, -1].float(),
+            next_position=int(positions.max()) + 1,
+        )
+        self.cache.put(entry)
+        return entry
+
+    def _mask(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float().clone()
+        logits[:, self.banned.to(logits.device)] = float("-inf")
+        return logits
+
+    def _sample(
+        self, logits: torch.Tensor, sampling: SamplingParams, generators: Sequence[torch.Generator]
+    ) -> tuple[list[int], list[float]]:
+        """One token per row of ``logits`` [B, V] and its logprob under the distribution sampled from."""
+        logits = self._mask(logits)  # [B, V]
+        if sampling.temperature == 0:
+            tokens = logits.argmax(dim=-1)  # [B]
+            logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+        else:
+            logits = logits / sampling.temperature
+            if sampling.top_k > 0:
+                kth = logits.topk(min(sampling.top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # [B, 1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            if sampling.top_p < 1:
+                sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+                probs = torch.softmax(sorted_logits, dim=-1)
+                drop = probs.cumsum(dim=-1) - probs > sampling.top_p  # keep the token that crosses top_p
+                logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+            logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
+            cdf = logprobs.exp().cumsum(dim=-1)  # [B, V]
+            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf.device)  # [B]
+            tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)  # [B]
+            tokens = tokens.clamp(max=cdf.shape[-1] - 1)
+        chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
+        return tokens.tolist(), chosen.tolist()
+
+    def _decode(self, rows: list[CacheEntry], seeds: list[int], sampling: SamplingParams) -> list[Continuation]:
+        """Batched decoding of ``rows`` from their cached prefixes (left-padded into one KV batch)."""
+        n = len(rows)
+        length = max(len(e.token_ids) for e in rows)
+        pads = [length - len(e.token_ids) for e in rows]
+        kv = []
+        for layer in range(len(rows[0].kv)):
+            keys, values = rows[0].kv[layer]
+            k = keys.new_zeros(n, keys.shape[0], length, keys.shape[2])  # [B, H, L, D]
+            v = values.new_zeros(n, values.shape[0], length, values.shape[2])
+            for b, entry in enumerate(rows):
+                k[b, :, pads[b] :] = entry.kv[layer][0]
+                v[b, :, pads[b] :] = entry.kv[layer][1]
+            kv.append((k, v))
+        cache = DynamicCache(ddp_cache_data=kv)
+        mask = torch.ones(n, length, dtype=torch.long, device=self.device)  # [B, L]
+        for b, pad in enumerate(pads):
+            mask[b, :pad] = 0
+        positions = torch.tensor([e.next_position for e in rows], device=self.device)  # [B]
+        logits = torch.stack([e.last_logits for e in rows])  # [B, V]
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        tokens: list[list[int]] = [[] for _ in rows]
+        logprobs: list[list[float]] = [[] for _ in rows]
+        reasons: list[FinishReason | None] = [None] * n
+        active = list(range(n))  # original row index of each batch row
+
+        while active:
+            sampled, chosen = self._sample(logits, sampling, [generators[i] for i in active])
+            self.stats.generated_tokens += len(active)
+            for i, token, logprob in zip(active, sampled, chosen, strict=True):
+                tokens[i].append(token)
+                logprobs[i].append(logprob)
+                reasons[i] = self._finish_reason(tokens[i], sampling)
+            keep = [b for b, i in enumerate(active) if reasons[i] is None]
+            for b, i in enumerate(active):
+                if reasons[i] is not None:  # KV so far covers the prefix and all but the last token
+                    self._store(rows[i], tokens[i], logits[b], cache, b, pads[i])
+            if not keep:
+                break
+            if len(keep) < len(active):
+                index = torch.tensor(keep, device=self.device)
+                cache.batch_select_indices(index)
+                mask, positions = mask[index], positions[index]
+                sampled = [sampled[b] for b in keep]
+                active = [active[b] for b in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)  # [B, L + 1]
+            output = self.model(
+                input_ids=torch.tensor(sampled, device=self.device)[:, None],  # [B, 1]
+                position_ids=positions.view(1, -1, 1).expand(3, -1, -1),  # [3, B, 1]
+                attention_mask=mask,
+                past_key_values=cache,
+                use_cache=True,
+            )
+            self.stats.computed_tokens += len(active)
+            logits = output.logits[:, -1]  # [B, V]
+            positions = positions + 1
+        return [
+            Continuation(tuple(t), tuple(lp), r)  # type: ignore[arg-type]
+            for t, lp, r in zip(tokens, logprobs, reasons, strict=True)
+        ]
+
+    def _finish_reason(self, tokens: list[int], sampling: SamplingParams) -> FinishReason | None:
+        if tokens[-1] in self.eos_ids:
+            return "eos"
+        if sampling.stop:
+            tail = self.tokenizer.decode(tokens[-STOP_WINDOW:], skip_special_tokens=False)
+            if any(stop in tail for stop in sampling.stop):
+                return "stop"
+        if len(tokens) >= sampling.max_new_tokens:
+            return "length"
+        return None
+
+    def _store(
+        self, entry: CacheEntry, tokens: list[int], logits: torch.Tensor, cache: DynamicCache, row: int, pad: int
+    ) -> None:
+        """Keep the KV of ``entry`` + ``tokens[:-1]`` so the next turn only prefills its new tokens."""
+        if len(tokens) < 2 or self.cache.max_bytes <= 0:
+            return
+        self.cache.put(
+            CacheEntry(
+                token_ids=entry.token_ids + tuple(tokens[:-1]),
+                image_keys=entry.image_keys,
+                kv=tuple((k[row, :, pad:].clone(), v[row, :, pad:].clone()) for k, v in _layers(cache)),
+                last_logits=logits.float().clone(),
+                next_position=entry.next_position + len(tokens) - 1,
+            )
+        )
+
+
+def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of each layer of a ``DynamicCache``, each [B, kv_heads, L, head_dim]."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
