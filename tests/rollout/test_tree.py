@@ -164,11 +164,27 @@ def test_length_limits_end_branches(bpe_processor):
     leaves, _, _ = run(bpe_processor, long_turn, budget=3, branch_factor=3, sampling=SamplingParams(max_new_tokens=16))
     assert all(leaf.stop_reason == "length" and leaf.num_turns == 1 for leaf in leaves)
     assert all(len(leaf.response_ids) == 16 for leaf in leaves)
-    # The response budget ends a branch before it can overflow.
-    leaves, _, _ = run(
-        bpe_processor, SCRIPTS["always_zoom"], budget=2, branch_factor=2, max_turns=5, max_response_tokens=600
-    )
-    assert all(leaf.stop_reason == "length" and len(leaf.response_ids) <= 600 for leaf in leaves)
+    # The response budget ends a branch before it can overflow, and never cuts an observation short.
+    depths = set()
+    for limit in (120, 200, 600):
+        leaves, _, _ = run(
+            bpe_processor,
+            SCRIPTS["always_zoom"],
+            budget=2,
+            branch_factor=2,
+            max_turns=8,
+            max_response_tokens=limit,
+            sampling=SamplingParams(max_new_tokens=64),
+        )
+        for leaf in leaves:
+            depths.add(leaf.num_turns)
+            assert leaf.stop_reason == "length" and len(leaf.response_ids) <= limit
+            text = bpe_processor.tokenizer.decode(leaf.response_ids)
+            assert text.count("<|vision_start|>") == text.count("<|vision_end|>") == len(leaf.images) - 1
+            assert text.count("<tool_response>") == text.count("</tool_response>")
+    assert len(depths) == 3  # the three limits stop the branches at different depths
+    leaves, _, _ = run(bpe_processor, SCRIPTS["always_zoom"], budget=2, branch_factor=2, max_context_tokens=700)
+    assert all(len(leaf.prompt_ids) + len(leaf.response_ids) <= 700 for leaf in leaves)
 
 
 def test_engine_failure_fails_the_group(bpe_processor):

@@ -357,15 +357,20 @@ class TreeSampler:
             node.stop_reason = "max_turns"
         else:
             texts = list(turn.call_errors)
-            node.tool_calls += [ToolCallRecord("<malformed>", {}, False, e, None) for e in turn.call_errors]
+            calls = [ToolCallRecord("<malformed>", {}, False, e, None) for e in turn.call_errors]
             images: list[Image.Image] = []
             for call in turn.tool_calls:
                 obs = await asyncio.to_thread(run_tool, call, context, cfg.tools)
-                node.tool_calls.append(_record(call, obs.ok, obs.text, obs.box))
+                calls.append(_record(call, obs.ok, obs.text, obs.box))
                 texts.insert(0, obs.text)
                 images += obs.images
             text = "\n".join(t for t in texts if t)
-            self._append(node, self._encode(observation_text(text, len(images)), images), images, mask=0)
+            observation = self._encode(observation_text(text, len(images)), images)
+            if self._fits(node, len(node.turn_ids) + len(observation)):
+                node.tool_calls += calls
+                self._append(node, observation, images, mask=0)
+            else:  # never cut an observation (and its image tokens) short: end the branch before it
+                node.stop_reason = "length"
         prefix = node.parent.prefix if node.parent else node.prefix
         node.prefix = Prefix(
             prefix.token_ids + tuple(node.turn_ids),
@@ -374,10 +379,17 @@ class TreeSampler:
             prefix.route,
         )
         node.response_len += len(node.turn_ids)
-        over_budget = node.response_len + cfg.sampling.max_new_tokens > cfg.max_response_tokens
-        over_context = len(node.prefix.token_ids) + cfg.sampling.max_new_tokens > cfg.max_context_tokens
-        if not node.terminal and (over_budget or over_context):
+        if not node.terminal and not self._fits(node, 0):  # no room left for a whole next turn
             node.stop_reason = "length"
+
+    def _fits(self, node: _Node, new_tokens: int) -> bool:
+        """Whether ``new_tokens`` more response tokens still leave room for a whole next turn, within
+        ``max_response_tokens`` and ``max_context_tokens`` (``node.prefix`` and ``node.response_len``
+        always describe the same tokens, so their difference is the prompt)."""
+        cfg = self.config
+        prompt = len(node.prefix.token_ids) - node.response_len
+        response = node.response_len + new_tokens + cfg.sampling.max_new_tokens
+        return response <= cfg.max_response_tokens and prompt + response <= cfg.max_context_tokens
 
     def _finish(
         self,
