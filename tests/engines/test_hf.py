@@ -167,6 +167,12 @@ def test_probe_is_the_prefill_distribution(model_and_processor):
     assert engine.stats.computed_tokens == len(ids)
     asyncio.run(engine.probe([Prefix(tuple(ids), (), ())], 5))
     assert engine.stats.computed_tokens == len(ids)  # the second probe is a cache hit
+    # Per-request cached counts: the whole prefix for every row now that it is cached.
+    conts = asyncio.run(engine.generate([Prefix(tuple(ids), (), ())] * 2, SamplingParams(max_new_tokens=2), [1, 2]))
+    assert [c.cached_tokens for c in conts] == [len(ids), len(ids)]
+    longer = Prefix(tuple(ids + ids), (), ())
+    [cont] = asyncio.run(engine.generate([longer], SamplingParams(max_new_tokens=2), [3]))
+    assert cont.cached_tokens == len(ids)  # the longest cached prefix
 
 
 def test_prefix_cache_lru_and_images():

@@ -84,6 +84,7 @@ def test_vllm_request_and_response(tokenizer):
     assert banned <= set(params["logit_bias"]) and set(params["logit_bias"].values()) == {-100}
     assert body["return_token_ids"] is True
     assert [c.token_ids for c in out] == [(5, 6, 7)] * 3
+    assert [c.cached_tokens for c in out] == [32, len(prefix.token_ids), len(prefix.token_ids)]
     assert out[0].logprobs == pytest.approx((-0.1, -0.2, -0.3)) and out[0].finish_reason == "stop"
     stats = engine.stats
     assert stats.requests == 3 and stats.generated_tokens == 9

@@ -73,6 +73,8 @@ class Continuation:
     """Log-probability of each generated token under the sampling distribution; aligned with token_ids."""
     finish_reason: FinishReason
     """``stop`` (a stop string), ``eos`` (an eos token) or ``length`` (max_new_tokens)."""
+    cached_tokens: int = 0
+    """Prefix tokens the engine served from its cache for this request (siblings: the whole prefix)."""
 
 
 @dataclass

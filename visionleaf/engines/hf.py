@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -147,19 +147,21 @@ class HFEngine:
     def _generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
         # One prefill per distinct prefix; its rows (siblings) reuse it.
         entries: dict[tuple[tuple[int, ...], tuple[str, ...]], CacheEntry] = {}
-        rows = []
+        rows, cached = [], []
         for prefix in prefixes:
             key = (prefix.token_ids, prefix.image_keys)
+            before = self.stats.cached_tokens
             if key not in entries:
                 entries[key] = self._prefill(prefix)
             else:
                 self._count_prompt(prefix, cached=len(prefix.token_ids))
             rows.append(entries[key])
+            cached.append(self.stats.cached_tokens - before)
         out: list[Continuation] = []
         for start in range(0, len(rows), self.max_batch_size):
             batch = slice(start, start + self.max_batch_size)
             out += self._decode(rows[batch], seeds[batch], sampling)
-        return out
+        return [replace(c, cached_tokens=n) for c, n in zip(out, cached, strict=True)]
 
     def _count_prompt(self, prefix: Prefix, cached: int) -> None:
         self.stats.requests += 1

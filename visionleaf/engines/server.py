@@ -207,8 +207,14 @@ class ServerEngine:
         return choices
 
     def _continuations(self, response: Any, prefix: Prefix, n: int) -> list[Continuation]:
+        before = self.stats.cached_tokens
+        choices = self._choices(response, prefix, n)
+        server_hits = self.stats.cached_tokens - before - len(prefix.token_ids) * (n - 1)
         return [
-            Continuation(tuple(c["ids"]), tuple(c["logprobs"]), c["finish"]) for c in self._choices(response, prefix, n)
+            Continuation(
+                tuple(c["ids"]), tuple(c["logprobs"]), c["finish"], server_hits if i == 0 else len(prefix.token_ids)
+            )
+            for i, c in enumerate(choices)
         ]
 
     def _data_url(self, image: Image.Image, key: str) -> str:

@@ -1,0 +1,45 @@
+"""Per-step training metrics from the leaves' ``extra_fields``: reward components, tool use, tree shape.
+
+verl logs the total reward (``critic/score``) but not its parts; the tree agent loop and the reward put
+everything else into each sample's ``extra_fields`` (the reward's dict under ``reward_extra_info``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from statistics import mean
+from typing import Any
+
+REWARD_KEYS = ("acc", "format", "tool", "grounding", "iou", "num_tool_calls", "num_tool_errors", "answer_len")
+"""Numeric fields of :func:`visionleaf.reward.compute_score` logged as ``reward/<key>/mean``."""
+
+LEAF_KEYS = {
+    "tool_calls_ok": "tool/calls_ok_per_leaf",
+    "tool_calls_failed": "tool/calls_failed_per_leaf",
+    "tree_splits": "tree/splits_per_group",
+    "tree_prefix_reuse": "tree/engine_computed_over_unique_tokens",
+    "tree_wall_time_s": "tree/wall_time_s",
+}
+"""Numeric ``extra_fields`` of :class:`visionleaf.verl.agent_loop.TreeAgentLoop` and their metric names."""
+
+
+def leaf_metrics(extra_fields: Sequence[Mapping[str, Any] | None]) -> dict[str, float]:
+    """Means over the step's leaves (tree-level fields repeat on each leaf of a tree, so they average
+    per tree), and the share of each stop reason as ``rollout/stop_<reason>``."""
+    fields = [f for f in extra_fields if isinstance(f, Mapping)]
+    out: dict[str, float] = {}
+    rewards = [f.get("reward_extra_info") or {} for f in fields]
+    for key in REWARD_KEYS:
+        values = [float(r[key]) for r in rewards if isinstance(r.get(key), int | float)]
+        if values:
+            out[f"reward/{key}/mean"] = mean(values)
+    for key, name in LEAF_KEYS.items():
+        values = [float(f[key]) for f in fields if isinstance(f.get(key), int | float)]
+        if values:
+            out[name] = mean(values)
+    stops = Counter(str(f["stop_reason"]) for f in fields if "stop_reason" in f)
+    total = sum(stops.values())
+    for reason, count in stops.items():
+        out[f"rollout/stop_{reason}"] = count / total
+    return out
