@@ -30,6 +30,11 @@ class Registry(Generic[T]):
         except KeyError:
             raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self._items)}") from None
 
+    def unregister(self, name: str) -> None:
+        """Remove ``name`` (e.g. a test's temporary entry); a miss is an error."""
+        self.get(name)
+        del self._items[name]
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

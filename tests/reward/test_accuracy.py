@@ -115,15 +115,16 @@ def test_registry_lists_names_on_miss():
         accuracy(None, "B", matcher="nope")
 
 
-def test_register_custom_matcher(monkeypatch):
-    monkeypatch.setattr(accuracy_module, "MATCHER_REGISTRY", dict(accuracy_module.MATCHER_REGISTRY))
-
+def test_register_custom_matcher():
     @register_matcher("prefix")
     def prefix(answer, ground_truth, options):
         return float(answer.startswith(ground_truth))
 
-    assert accuracy("redish", "red", matcher="prefix") == 1.0
-    # re-registering the same function is a no-op, another one under the same name is an error
-    register_matcher("prefix")(prefix)
-    with pytest.raises(ValueError, match="already registered"):
-        register_matcher("prefix")(lambda a, g, o: 0.0)
+    try:
+        assert accuracy("redish", "red", matcher="prefix") == 1.0
+        # re-registering the same function is a no-op, another one under the same name is an error
+        register_matcher("prefix")(prefix)
+        with pytest.raises(ValueError, match="already registered"):
+            register_matcher("prefix")(lambda a, g, o: 0.0)
+    finally:
+        accuracy_module.MATCHER_REGISTRY.unregister("prefix")

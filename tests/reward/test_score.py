@@ -267,7 +267,7 @@ def test_reward_config_defaults():
         ({"acc_weight": float("nan")}, "acc_weight must be a finite number"),  # NaN weight
         ({"grounding_mode": "first"}, r"grounding_mode must be one of \('last', 'best'\)"),  # unknown mode
         ({"coverage_threshold": 0.0}, r"coverage_threshold must be in \(0, 1\]"),  # threshold out of range
-        ({"matcher": "fuzzy"}, "registered matchers"),  # unknown matcher
+        ({"matcher": "fuzzy"}, "unknown matcher 'fuzzy'; registered"),  # unknown matcher
         ({"judge": "http://127.0.0.1:8000"}, "JudgeConfig"),  # judge given as a bare URL
         ({"judge": {"base_url": "localhost", "model": "m"}}, "http://"),  # judge mapping is validated too
     ],

@@ -132,7 +132,7 @@ def test_a_crashing_user_tool_never_crashes_the_rollout():
         obs = run_tool(ToolCall("test_broken_tool", {}), _context(noise_image(64, 64)))
         assert not obs.ok and obs.text == "Error: tool 'test_broken_tool' failed: RuntimeError: boom"
     finally:
-        del TOOL_REGISTRY["test_broken_tool"]
+        TOOL_REGISTRY.unregister("test_broken_tool")
 
 
 def test_registry_getter_lists_names_on_a_miss():

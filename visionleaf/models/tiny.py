@@ -158,9 +158,9 @@ def _bpe_corpus() -> list[str]:
     """The fixed protocol texts (system prompt with the built-in tools, format instruction) and common
     question words: what the tiny model reads most, so it tokenises into few tokens."""
     from visionleaf import protocol
-    from visionleaf.tools import TOOL_REGISTRY
+    from visionleaf.tools import get_tool
 
-    builtin = [TOOL_REGISTRY[name] for name in ("image_zoom_in_tool", "image_rotate_tool")]
+    builtin = [get_tool(name) for name in ("image_zoom_in_tool", "image_rotate_tool")]
     texts = [protocol.system_prompt(builtin), protocol.system_prompt(builtin[:1]), protocol.FORMAT_INSTRUCTION]
     return [*texts, _BPE_SENTENCES] * 8
 

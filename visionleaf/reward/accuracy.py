@@ -11,33 +11,19 @@ import re
 import string
 from collections.abc import Callable, Sequence
 
+from visionleaf.registry import Registry
+
 MAX_ANSWER_CHARS = 1000
 """Answers longer than this (characters) get acc 0, whatever they contain."""
 
 MatcherFn = Callable[[str, str, Sequence[str]], float]
 """``fn(answer, ground_truth, options) -> score in [0, 1]``; ``options[0]`` is letter A."""
 
-MATCHER_REGISTRY: dict[str, MatcherFn] = {}
-
-
-def register_matcher(name: str) -> Callable[[MatcherFn], MatcherFn]:
-    """Decorator: register ``fn(answer, ground_truth, options) -> float`` as matcher ``name``."""
-
-    def decorator(fn: MatcherFn) -> MatcherFn:
-        if name in MATCHER_REGISTRY and MATCHER_REGISTRY[name] is not fn:
-            raise ValueError(f"matcher {name!r} is already registered; pick another name")
-        MATCHER_REGISTRY[name] = fn
-        return fn
-
-    return decorator
-
-
-def get_matcher(name: str) -> MatcherFn:
-    """The registered matcher ``name``; a ``KeyError`` lists the valid names on a miss."""
-    try:
-        return MATCHER_REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown matcher {name!r}; registered matchers: {sorted(MATCHER_REGISTRY)}") from None
+MATCHER_REGISTRY: Registry[MatcherFn] = Registry("matcher")
+register_matcher = MATCHER_REGISTRY.register
+"""Decorator: register ``fn(answer, ground_truth, options) -> float`` as a matcher name."""
+get_matcher = MATCHER_REGISTRY.get
+"""The registered matcher of a name; a ``KeyError`` lists the valid names on a miss."""
 
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")

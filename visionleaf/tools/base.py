@@ -12,6 +12,8 @@ from typing import Any
 
 from PIL import Image
 
+from visionleaf.registry import Registry
+
 ERROR_PREFIX = "Error:"
 
 
@@ -87,27 +89,22 @@ class Tool:
         }
 
 
-TOOL_REGISTRY: dict[str, Tool] = {}
+TOOL_REGISTRY: Registry[Tool] = Registry("tool")
+get_tool = TOOL_REGISTRY.get
+"""The registered tool of a name; a ``KeyError`` lists the valid names on a miss."""
 
 
 def register_tool(name: str, description: str, parameters: Mapping[str, Any]) -> Callable[[ToolFn], ToolFn]:
     """Decorator: register ``fn(arguments, context) -> Observation`` as tool ``name``."""
 
     def decorator(fn: ToolFn) -> ToolFn:
-        if name in TOOL_REGISTRY and TOOL_REGISTRY[name].execute is not fn:
+        if name in TOOL_REGISTRY and get_tool(name).execute is not fn:
             raise ValueError(f"tool {name!r} is already registered; pick another name")
-        TOOL_REGISTRY[name] = Tool(name=name, description=description, parameters=parameters, execute=fn)
+        if name not in TOOL_REGISTRY:
+            TOOL_REGISTRY.register(name)(Tool(name=name, description=description, parameters=parameters, execute=fn))
         return fn
 
     return decorator
-
-
-def get_tool(name: str) -> Tool:
-    """The registered tool ``name``; a ``KeyError`` lists the valid names on a miss."""
-    try:
-        return TOOL_REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown tool {name!r}; registered tools: {sorted(TOOL_REGISTRY)}") from None
 
 
 def run_tool(call: ToolCall, context: ToolContext, allowed: tuple[str, ...] | None = None) -> Observation:
@@ -119,7 +116,7 @@ def run_tool(call: ToolCall, context: ToolContext, allowed: tuple[str, ...] | No
     if call.name not in names or call.name not in TOOL_REGISTRY:
         return Observation.error(f"unknown tool {call.name!r}; available tools: {', '.join(names)}")
     try:
-        return TOOL_REGISTRY[call.name].execute(call.arguments, context)
+        return get_tool(call.name).execute(call.arguments, context)
     except ToolError as exc:
         return Observation.error(str(exc))
     except Exception as exc:  # a tool bug must not crash the rollout; it is reported as an observation

@@ -73,19 +73,24 @@ def vllm_probe_result(request_output: Any) -> dict[str, Any]:
     }
 
 
-def sglang_replica_class() -> type:
-    """verl's ``SGLangReplica`` serving with :func:`_sglang_server_class` (imports sglang)."""
+def _replica_serving(replica: type, server: type) -> type:
+    """A subclass of verl's ``replica`` whose servers are ``server`` Ray actors."""
     import ray
-    from verl.workers.rollout.sglang_rollout.async_sglang_server import SGLangReplica
 
-    server = _sglang_server_class()
-
-    class VisionleafSGLangReplica(SGLangReplica):
+    class Replica(replica):
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
-            self.server_class = ray.remote(server)
+            self.server_class: Any = ray.remote(server)
 
-    return VisionleafSGLangReplica
+    Replica.__name__ = Replica.__qualname__ = f"Visionleaf{replica.__name__}"
+    return Replica
+
+
+def sglang_replica_class() -> type:
+    """verl's ``SGLangReplica`` serving with the probe-aware SGLang server (imports sglang)."""
+    from verl.workers.rollout.sglang_rollout.async_sglang_server import SGLangReplica
+
+    return _replica_serving(SGLangReplica, _sglang_server_class())
 
 
 def _sglang_server_class() -> type:
@@ -108,18 +113,10 @@ def _sglang_server_class() -> type:
 
 
 def vllm_replica_class() -> type:
-    """verl's ``vLLMReplica`` serving with :func:`_vllm_server_class` (imports vllm)."""
-    import ray
+    """verl's ``vLLMReplica`` serving with the probe-aware vLLM server (imports vllm)."""
     from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMReplica
 
-    server = _vllm_server_class()
-
-    class VisionleafVLLMReplica(vLLMReplica):
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.server_class = ray.remote(server)
-
-    return VisionleafVLLMReplica
+    return _replica_serving(vLLMReplica, _vllm_server_class())
 
 
 def _vllm_server_class() -> type:

@@ -11,6 +11,7 @@ paths made absolute so every Ray worker finds them. The training itself is verl'
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -85,6 +86,8 @@ def main(config: DictConfig) -> None:
         with open_dict(config):
             config.trainer.device = "cpu"
     prepare(config)
+    # verl's tensorboard logger writes to $TENSORBOARD_DIR (else ./tensorboard_log): keep it with the run
+    os.environ.setdefault("TENSORBOARD_DIR", str(Path(config.trainer.default_local_dir).parent / "tensorboard"))
 
     from verl.trainer import main_ppo
 
