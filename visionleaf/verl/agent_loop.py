@@ -152,7 +152,8 @@ class TreeAgentLoop(AgentLoopBase):
 
     async def run(self, sampling_params: dict[str, Any], **kwargs: Any) -> AgentLoopOutput:
         uid, session = str(kwargs["uid"]), int(kwargs["session_id"])
-        group = _GROUPS.setdefault(uid, _Group())
+        key = f"{uid}@{kwargs.get('global_steps')}"  # a uid seen again at a later step is another tree
+        group = _GROUPS.setdefault(key, _Group())
         group.sessions.add(session)
         await asyncio.sleep(0)  # let the uid's other sessions register (they were created together)
         if group.task is None:
@@ -162,7 +163,7 @@ class TreeAgentLoop(AgentLoopBase):
         finally:
             group.taken += 1
             if group.taken == len(group.sessions):
-                _GROUPS.pop(uid, None)
+                _GROUPS.pop(key, None)
         return self._output(leaves[session], record, versions)
 
     async def _grow(
@@ -196,7 +197,8 @@ class TreeAgentLoop(AgentLoopBase):
         original_image = await asyncio.to_thread(load_image, original) if original else None
         engine = VerlEngine(self.server_manager, self.tokenizer)
         sampler = TreeSampler(engine, self.processor, config)
-        seed = int(kwargs.get("index", 0)) if kwargs.get("index") is not None else None
+        # fresh randomness per prompt and step; reproducible for the same data order and step
+        seed = int(kwargs.get("index") or 0) * 1_000_003 + int(kwargs.get("global_steps") or 0)
         leaves, record = await sampler.sample(messages, images[0], original_image=original_image, route=uid, seed=seed)
         return leaves, record, engine.weight_versions
 
