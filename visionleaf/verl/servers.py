@@ -14,11 +14,14 @@ real; nothing here runs in the CPU CI.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 TOP_LOGPROBS_KEY = "top_logprobs"
 """sampling_params key that turns a request into an entropy probe."""
+
+ProbeFn = Callable[[Any, list[int], str, Any, int], Awaitable[Any]]
+"""(server, prompt ids, request id, images, top k) -> verl ``TokenOutput`` with ``top_logprobs``."""
 
 
 def to_sglang_params(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -86,59 +89,51 @@ def _replica_serving(replica: type, server: type) -> type:
     return Replica
 
 
-def sglang_replica_class() -> type:
-    """verl's ``SGLangReplica`` serving with the probe-aware SGLang server (imports sglang)."""
-    from verl.workers.rollout.sglang_rollout.async_sglang_server import SGLangReplica
+def _probe_aware(server: type, probe: ProbeFn, translate: Callable[[dict[str, Any]], dict[str, Any]]) -> type:
+    """A subclass of verl's ``server`` that answers entropy probes with ``probe`` and hands every other
+    request, its sampling params passed through ``translate``, to verl unchanged."""
 
-    return _replica_serving(SGLangReplica, _sglang_server_class())
-
-
-def _sglang_server_class() -> type:
-    from sglang.srt.managers.io_struct import GenerateReqInput
-    from verl.workers.rollout.replica import TokenOutput
-    from verl.workers.rollout.sglang_rollout.async_sglang_server import SGLangHttpServer
-
-    class TopLogprobSGLangServer(SGLangHttpServer):
-        async def generate(  # type: ignore[override]  # forwards verl's keyword arguments unchanged
+    class Server(server):
+        async def generate(  # forwards verl's keyword arguments unchanged
             self, prompt_ids: Any, sampling_params: dict[str, Any], request_id: str, **kwargs: Any
         ) -> Any:
             top_k = sampling_params.pop(TOP_LOGPROBS_KEY, None)
             if top_k is None:
-                return await super().generate(prompt_ids, to_sglang_params(sampling_params), request_id, **kwargs)
-            request = sglang_probe_request(request_id, prompt_ids, kwargs.get("image_data"), int(top_k))
-            output = await self.tokenizer_manager.generate_request(GenerateReqInput(**request), None).__anext__()
-            return TokenOutput(**sglang_probe_result(output))
+                return await super().generate(prompt_ids, translate(sampling_params), request_id, **kwargs)
+            return await probe(self, list(prompt_ids), request_id, kwargs.get("image_data"), int(top_k))
 
-    return TopLogprobSGLangServer
+    Server.__name__ = Server.__qualname__ = f"TopLogprob{server.__name__}"
+    return Server
+
+
+def sglang_replica_class() -> type:
+    """verl's ``SGLangReplica`` serving with the probe-aware SGLang server (imports sglang)."""
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from verl.workers.rollout.replica import TokenOutput
+    from verl.workers.rollout.sglang_rollout.async_sglang_server import SGLangHttpServer, SGLangReplica
+
+    async def probe(server: Any, ids: list[int], request_id: str, images: Any, top_k: int) -> Any:
+        request = GenerateReqInput(**sglang_probe_request(request_id, ids, images, top_k))
+        output = await server.tokenizer_manager.generate_request(request, None).__anext__()
+        return TokenOutput(**sglang_probe_result(output))
+
+    return _replica_serving(SGLangReplica, _probe_aware(SGLangHttpServer, probe, to_sglang_params))
 
 
 def vllm_replica_class() -> type:
     """verl's ``vLLMReplica`` serving with the probe-aware vLLM server (imports vllm)."""
-    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMReplica
-
-    return _replica_serving(vLLMReplica, _vllm_server_class())
-
-
-def _vllm_server_class() -> type:
     from verl.workers.rollout.replica import TokenOutput
     from verl.workers.rollout.utils import qwen2_5_vl_dedup_image_tokens
-    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer
+    from verl.workers.rollout.vllm_rollout.vllm_async_server import vLLMHttpServer, vLLMReplica
     from vllm import SamplingParams, TokensPrompt
 
-    class TopLogprobVLLMServer(vLLMHttpServer):
-        async def generate(  # type: ignore[override]  # forwards verl's keyword arguments unchanged
-            self, prompt_ids: Any, sampling_params: dict[str, Any], request_id: str, **kwargs: Any
-        ) -> Any:
-            top_k = sampling_params.pop(TOP_LOGPROBS_KEY, None)
-            if top_k is None:
-                return await super().generate(prompt_ids, sampling_params, request_id, **kwargs)
-            ids = qwen2_5_vl_dedup_image_tokens(list(prompt_ids), self.model_config.processor)
-            images = kwargs.get("image_data")
-            prompt = TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images} if images else {})
-            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=int(top_k))
-            outputs = [
-                o async for o in self.engine.generate(prompt=prompt, sampling_params=params, request_id=request_id)
-            ]
-            return TokenOutput(**vllm_probe_result(outputs[-1]))
+    async def probe(server: Any, ids: list[int], request_id: str, images: Any, top_k: int) -> Any:
+        ids = qwen2_5_vl_dedup_image_tokens(ids, server.model_config.processor)
+        prompt = TokensPrompt(prompt_token_ids=ids, multi_modal_data={"image": images} if images else {})
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=top_k)
+        outputs = [
+            o async for o in server.engine.generate(prompt=prompt, sampling_params=params, request_id=request_id)
+        ]
+        return TokenOutput(**vllm_probe_result(outputs[-1]))
 
-    return TopLogprobVLLMServer
+    return _replica_serving(vLLMReplica, _probe_aware(vLLMHttpServer, probe, dict))
