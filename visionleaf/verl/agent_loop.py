@@ -29,6 +29,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetr
 
 from visionleaf.data.images import load_image
 from visionleaf.engines.base import Continuation, EngineError, EngineStats, FinishReason, Prefix, SamplingParams
+from visionleaf.engines.hf import EOS_TOKENS, STOP_WINDOW
 from visionleaf.rollout.tree import Leaf, TreeConfig, TreeRecord, TreeSampler
 
 
@@ -44,7 +45,7 @@ class VerlEngine:
         self.server_manager = server_manager
         self.tokenizer = tokenizer
         self.base_params = dict(base_params or {})
-        self.eos_ids = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")}
+        self.eos_ids = {tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS}
         self.stats = EngineStats()
         self.weight_versions: list[int] = []
         """``global_steps`` of the weights that served each request (verl's staleness control needs them)."""
@@ -107,7 +108,7 @@ class VerlEngine:
     def _finish(self, ids: Sequence[int], sampling: SamplingParams) -> FinishReason:
         if ids and ids[-1] in self.eos_ids:
             return "eos"
-        tail = self.tokenizer.decode(ids[-16:], skip_special_tokens=False)
+        tail = self.tokenizer.decode(ids[-STOP_WINDOW:], skip_special_tokens=False)
         if any(tail.endswith(stop) for stop in sampling.stop):
             return "stop"
         return "length" if len(ids) >= sampling.max_new_tokens else "stop"
