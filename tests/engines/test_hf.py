@@ -1,4 +1,7 @@
 import asyncio
+import logging
+import math
+import time
 
 import pytest
 import torch
@@ -125,13 +128,15 @@ def test_vision_tokens_are_never_sampled(model_and_processor):
     with torch.no_grad():  # make the vision tokens by far the most likely outputs
         biased.get_output_embeddings().weight[[image_pad, vision_start]] *= 200
     engine = HFEngine(biased, processor)
-    image = noise_image(300, 200)
     prefix = Prefix(tuple(processor.tokenizer.encode("hello", add_special_tokens=False)), (), ())
-    top = asyncio.run(engine.probe([prefix], 3))[0]
+    with torch.no_grad():
+        unmasked = biased(input_ids=torch.tensor([prefix.token_ids])).logits[0, -1]
+    assert unmasked.argmax().item() in (image_pad, vision_start)  # without the ban a vision token would come
+    top = asyncio.run(engine.probe([prefix], 3))[0].top_logprobs
     conts = asyncio.run(engine.generate([prefix] * 4, SamplingParams(max_new_tokens=20, stop=()), [1, 2, 3, 4]))
     sampled = {t for c in conts for t in c.token_ids}
     assert image_pad not in sampled and vision_start not in sampled
-    assert all(lp > float("-inf") for lp in top) and image is not None
+    assert all(math.isfinite(lp) for lp in top)
 
 
 def test_sampling_parameters(model_and_processor):
@@ -145,8 +150,19 @@ def test_sampling_parameters(model_and_processor):
     top1 = asyncio.run(engine.generate([prefix] * 2, SamplingParams(max_new_tokens=8, top_k=1, stop=()), [1, 2]))
     assert top1[0].token_ids == top1[1].token_ids == greedy[0].token_ids
     assert all(lp == pytest.approx(0.0) for lp in top1[0].logprobs)  # one token kept: probability 1
-    nucleus = asyncio.run(engine.generate([prefix], SamplingParams(max_new_tokens=8, top_p=0.5, stop=()), [3]))
-    assert all(-0.7 < lp <= 0 for lp in nucleus[0].logprobs[:1]) or len(nucleus[0].token_ids) > 0
+    # top_p: each token's logprob is under the renormalised nucleus, so it is >= its unrenormalised one
+    # and equals the teacher-forced one renormalised over the kept tokens
+    nucleus = asyncio.run(engine.generate([prefix], SamplingParams(max_new_tokens=8, top_p=0.5, stop=()), [3]))[0]
+    ids = torch.tensor([list(prefix.token_ids) + list(nucleus.token_ids)])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0, len(prefix.token_ids) - 1 : -1].float()
+    logits[:, engine.banned] = float("-inf")
+    full = torch.log_softmax(logits, dim=-1)
+    for i, (token, lp) in enumerate(zip(nucleus.token_ids, nucleus.logprobs, strict=True)):
+        probs, order = full[i].exp().sort(descending=True)
+        kept = order[: int((probs.cumsum(0) - probs <= 0.5).sum())]
+        assert token in kept.tolist()
+        assert lp == pytest.approx((full[i, token] - full[i, kept].logsumexp(0)).item(), abs=1e-4)
     seeded = [
         asyncio.run(engine.generate([prefix], SamplingParams(max_new_tokens=8, stop=()), [5]))[0] for _ in range(2)
     ]
@@ -158,15 +174,16 @@ def test_probe_is_the_prefill_distribution(model_and_processor):
     model, processor = model_and_processor
     engine = HFEngine(model, processor)
     ids = processor.tokenizer.encode("<think>look", add_special_tokens=False)
-    top = asyncio.run(engine.probe([Prefix(tuple(ids), (), ())], 5))[0]
+    top = asyncio.run(engine.probe([Prefix(tuple(ids), (), ())], 5))[0].top_logprobs
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()
     logits[engine.banned] = float("-inf")
     expected = torch.log_softmax(logits, dim=-1).topk(5).values.tolist()
     assert list(top) == pytest.approx(expected, abs=1e-4)
     assert engine.stats.computed_tokens == len(ids)
-    asyncio.run(engine.probe([Prefix(tuple(ids), (), ())], 5))
+    [again] = asyncio.run(engine.probe([Prefix(tuple(ids), (), ())], 5))
     assert engine.stats.computed_tokens == len(ids)  # the second probe is a cache hit
+    assert again.cached_tokens == len(ids)
     # Per-request cached counts: the whole prefix for every row now that it is cached.
     conts = asyncio.run(engine.generate([Prefix(tuple(ids), (), ())] * 2, SamplingParams(max_new_tokens=2), [1, 2]))
     assert [c.cached_tokens for c in conts] == [len(ids), len(ids)]
@@ -194,3 +211,95 @@ def test_prefix_cache_lru_and_images():
     cache.put(entry([5]))
     assert len(cache) == 3 and cache.nbytes <= 3000
     assert cache.lookup(Prefix((1, 2, 3, 4), (), ())).token_ids == (1, 2)
+
+
+def test_zero_probability_tokens_are_never_sampled(model_and_processor, monkeypatch):
+    # Inverse-CDF sampling at the extremes of the uniform draw: u = 0 (the first token of the vocabulary
+    # has zero mass under top_k) and the largest float32 below 1 (the padded rows at the end have none).
+    model, processor = model_and_processor
+    engine = HFEngine(model, processor)
+    prefix = Prefix(tuple(processor.tokenizer.encode("<think>look", add_special_tokens=False)), (), ())
+    sampling = SamplingParams(max_new_tokens=4, top_k=3, stop=())
+    for u in (0.0, 1.0 - 2.0**-24):
+        monkeypatch.setattr(torch, "rand", lambda *args, u=u, **kwargs: torch.tensor(u))
+        [cont] = asyncio.run(engine.generate([prefix], sampling, [0]))
+        assert all(math.isfinite(lp) for lp in cont.logprobs)
+        ids = torch.tensor([list(prefix.token_ids) + list(cont.token_ids)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, len(prefix.token_ids) - 1 : -1].float()
+        logits[:, engine.banned] = float("-inf")
+        for row, token in zip(logits, cont.token_ids, strict=True):
+            assert token in row.topk(3).indices.tolist()
+
+
+def test_inverse_cdf_skips_zero_mass():
+    from visionleaf.engines.hf import inverse_cdf
+
+    probs = torch.tensor([[0.0, 0.0, 0.25, 0.0, 0.75, 0.0, 0.0]] * 4)  # [4, 7]
+    u = torch.tensor([0.0, 0.25, 0.5, 1.0 - 2.0**-24])
+    assert inverse_cdf(probs, u).tolist() == [2, 4, 4, 4]
+
+
+def _entry(ids, images=(), nbytes=1000):
+    from visionleaf.engines.hf import CacheEntry
+
+    kv = ((torch.zeros(1, 1, nbytes // 8), torch.zeros(1, 1, nbytes // 8)),)
+    return CacheEntry(tuple(ids), tuple(images), kv, torch.zeros(0), 0)
+
+
+def test_prefix_cache_index_agrees_with_a_linear_scan():
+    import random
+
+    rng = random.Random(0)
+    cache = PrefixCache(max_bytes=60 * 1000)  # holds 60 of the entries below: evictions happen
+    stems = [[rng.randrange(50) for _ in range(rng.randrange(1, 90))] for _ in range(6)]
+    for step in range(400):
+        stem = rng.choice(stems)
+        ids = stem[: rng.randrange(1, len(stem) + 1)] + [rng.randrange(3) for _ in range(rng.randrange(0, 40))]
+        images = rng.choice([(), ("a",), ("b",)])
+        if step % 2:
+            cache.put(_entry(ids, images))
+            continue
+        query = Prefix(tuple(ids), (), (*images, "c"))
+        entries = list(cache._entries.values())
+        matching = [e for e in entries if e.matches(query)]
+        expected = max((len(e.token_ids) for e in matching), default=None)
+        hit = cache.lookup(query)
+        assert (hit and len(hit.token_ids)) == expected
+    assert len(cache) == 60 and cache.nbytes <= 60 * 1000
+    cache.clear()
+    assert cache.lookup(Prefix(tuple(stems[0]), (), ())) is None and not cache._chains and not cache._ending
+
+
+def test_prefix_cache_lookup_cost_does_not_grow_with_the_entries():
+    # 2000 entries of ~800 tokens from 100 prompts; before the index, a lookup compared every entry.
+    def fill(n):
+        cache = PrefixCache(max_bytes=1 << 40)
+        for i in range(n):
+            prompt = [i % 100] * 600
+            cache.put(_entry(prompt + [i] * (1 + i % 200)))
+        return cache
+
+    def timed(cache):
+        query = Prefix(tuple([7] * 610 + [1, 2, 3]), (), ())  # entry 7 ([7] * 608) is its longest prefix
+        best = float("inf")
+        for _ in range(5):
+            start = time.perf_counter()
+            for _ in range(20):
+                hit = cache.lookup(query)
+            best = min(best, time.perf_counter() - start)
+        assert hit is not None and len(hit.token_ids) == 608
+        return best
+
+    small, large = timed(fill(100)), timed(fill(2000))
+    assert large < 4 * small, (small, large)
+
+
+def test_an_entry_over_the_byte_cap_is_counted_and_logged_once(caplog):
+    cache = PrefixCache(max_bytes=1500)
+    with caplog.at_level(logging.WARNING, logger="visionleaf.engines.hf"):
+        cache.put(_entry([1, 2, 3], nbytes=2000))
+        cache.put(_entry([1, 2, 3, 4], nbytes=2000))
+        cache.put(_entry([5], nbytes=1000))
+    assert cache.oversized == 2 and len(cache) == 1
+    assert len([r for r in caplog.records if "cache_max_bytes=1500" in r.getMessage()]) == 1

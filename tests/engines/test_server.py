@@ -8,12 +8,17 @@ import pytest
 
 from tests.conftest import noise_image
 from visionleaf.engines.base import EngineError, Prefix, SamplingParams, image_key
+from visionleaf.engines.sampling import BAN_BIAS, banned_token_ids, eos_token_ids
 from visionleaf.engines.server import ServerConfig, ServerEngine
 
 
 @pytest.fixture(scope="module")
 def tokenizer(bpe_processor):
     return bpe_processor.tokenizer
+
+
+def ids_of(tokenizer, text):
+    return tuple(tokenizer.encode(text, add_special_tokens=False))
 
 
 def make_prefix(tokenizer, n_pads=(4,), route="uid-1"):
@@ -28,9 +33,11 @@ def make_prefix(tokenizer, n_pads=(4,), route="uid-1"):
 
 
 def vllm_response(prefix, n, tokens=(5, 6, 7), finish="stop", stop_reason="</answer>", cached=0):
+    """vLLM's reply; ``cached=None`` leaves the cached-token report out (the server does not say)."""
+    usage = {} if cached is None else {"prompt_tokens_details": {"cached_tokens": cached}}
     return {
         "prompt_token_ids": list(prefix.token_ids),
-        "usage": {"prompt_tokens_details": {"cached_tokens": cached}},
+        "usage": usage,
         "choices": [
             {
                 "index": i,
@@ -60,11 +67,12 @@ def engine_with(tokenizer, handler, **config):
 
 def test_vllm_request_and_response(tokenizer):
     prefix = make_prefix(tokenizer, n_pads=(4, 2))
+    answer = ids_of(tokenizer, "<think>ok</think><answer>A</answer>")
     seen = []
 
     def handler(request):
         seen.append((str(request.url), json.loads(request.content)))
-        return httpx.Response(200, json=vllm_response(prefix, 3, cached=32))
+        return httpx.Response(200, json=vllm_response(prefix, 3, tokens=answer, cached=32))
 
     engine = engine_with(tokenizer, handler)
     sampling = SamplingParams(max_new_tokens=50, temperature=0.7, top_p=0.9)
@@ -80,29 +88,59 @@ def test_vllm_request_and_response(tokenizer):
     assert params["n"] == 3 and params["seed"] == 11 and params["max_tokens"] == 50
     assert params["temperature"] == 0.7 and params["top_p"] == 0.9 and params["top_k"] == 0
     assert params["stop"] == ["</tool_call>", "</answer>"] and params["include_stop_str_in_output"]
-    banned = {str(tokenizer.convert_tokens_to_ids(t)) for t in ("<|image_pad|>", "<|vision_start|>")}
-    assert banned <= set(params["logit_bias"]) and set(params["logit_bias"].values()) == {-100}
+    assert params["stop_token_ids"] == sorted(eos_token_ids(tokenizer))  # both eos tokens end a turn
+    # every vision token is banned (JSON keys are strings; vLLM reads them as token ids)
+    assert params["logit_bias"] == {str(t): BAN_BIAS for t in banned_token_ids(tokenizer)}
+    assert len(params["logit_bias"]) == 5
     assert body["return_token_ids"] is True
-    assert [c.token_ids for c in out] == [(5, 6, 7)] * 3
+    assert [c.token_ids for c in out] == [answer] * 3
     assert [c.cached_tokens for c in out] == [32, len(prefix.token_ids), len(prefix.token_ids)]
-    assert out[0].logprobs == pytest.approx((-0.1, -0.2, -0.3)) and out[0].finish_reason == "stop"
+    assert out[0].logprobs == pytest.approx(tuple(-0.1 * (j + 1) for j in range(len(answer))))
+    assert out[0].finish_reason == "stop"
     stats = engine.stats
-    assert stats.requests == 3 and stats.generated_tokens == 9
+    assert stats.requests == 3 and stats.generated_tokens == 3 * len(answer)
     assert stats.cached_tokens == 32 + 2 * len(prefix.token_ids)  # the server's hits + siblings prefilled once
-    assert stats.computed_tokens == len(prefix.token_ids) - 32 + 9
+    assert stats.computed_tokens == len(prefix.token_ids) - 32 + 3 * len(answer)
 
 
 @pytest.mark.parametrize(
-    ("finish", "stop_reason", "expected"),
-    [("stop", "</tool_call>", "stop"), ("stop", None, "eos"), ("length", None, "length")],
+    ("text", "finish", "stop_reason", "expected"),
+    [
+        ("<think>a</think><tool_call>{}</tool_call>", "stop", "</tool_call>", "stop"),
+        ("<think>a</think><answer>A</answer><|im_end|>", "stop", None, "eos"),
+        ("<think>a</think><|endoftext|>", "stop", 0, "eos"),  # a stop_token_ids hit
+        ("<think>and so on and", "length", None, "length"),  # max_new_tokens
+        ("<think>a", "length", None, "length"),  # cut short by the server's context limit
+    ],
 )
-def test_vllm_finish_reasons(tokenizer, finish, stop_reason, expected):
+def test_vllm_finish_reasons_come_from_the_one_rule(tokenizer, text, finish, stop_reason, expected):
     prefix = make_prefix(tokenizer)
-    engine = engine_with(
-        tokenizer, lambda r: httpx.Response(200, json=vllm_response(prefix, 1, finish=finish, stop_reason=stop_reason))
-    )
-    [out] = asyncio.run(engine.generate([prefix], SamplingParams(), [0]))
+    reply = vllm_response(prefix, 1, tokens=ids_of(tokenizer, text), finish=finish, stop_reason=stop_reason)
+    engine = engine_with(tokenizer, lambda r: httpx.Response(200, json=reply))
+    sampling = SamplingParams(max_new_tokens=len(ids_of(tokenizer, "<think>and so on and")))
+    [out] = asyncio.run(engine.generate([prefix], sampling, [0]))
     assert out.finish_reason == expected
+
+
+@pytest.mark.parametrize("tokens", [(5, 6), ()])
+def test_aborted_or_empty_replies_are_engine_errors(tokenizer, tokens):
+    prefix = make_prefix(tokenizer)
+    reply = vllm_response(prefix, 1, tokens=tokens, finish="abort" if tokens else "stop", stop_reason=None)
+    engine = engine_with(tokenizer, lambda r: httpx.Response(200, json=reply))
+    with pytest.raises(EngineError, match=r"aborted|empty turn"):
+        asyncio.run(engine.generate([prefix], SamplingParams(), [0]))
+
+
+def test_unreported_cached_tokens_are_unknown_not_zero(tokenizer):
+    prefix = make_prefix(tokenizer)
+    reply = vllm_response(prefix, 2, tokens=ids_of(tokenizer, "<answer>A</answer>"), cached=None)
+    engine = engine_with(tokenizer, lambda r: httpx.Response(200, json=reply))
+    out = asyncio.run(engine.generate([prefix] * 2, SamplingParams(), [0, 1]))
+    engine_one = engine_with(tokenizer, lambda r: httpx.Response(200, json=vllm_response(prefix, 1, cached=None)))
+    [probe] = asyncio.run(engine_one.probe([prefix], 2))
+    # the second sibling is served by the first one's prefill: known without the server's report
+    assert [c.cached_tokens for c in out] == [None, len(prefix.token_ids)] and probe.cached_tokens is None
+    assert engine.stats.unknown_cached == 1 and engine.stats.cached_tokens == len(prefix.token_ids)
 
 
 def test_probe_asks_one_greedy_token_with_top_logprobs(tokenizer):
@@ -116,7 +154,7 @@ def test_probe_asks_one_greedy_token_with_top_logprobs(tokenizer):
     top = asyncio.run(engine_with(tokenizer, handler).probe([prefix], top_k=20))
     params = bodies[0]["sampling_params"]
     assert params["max_tokens"] == 1 and params["temperature"] == 0 and params["logprobs"] == 20
-    assert top == [(-0.05, -3.0)]
+    assert [p.top_logprobs for p in top] == [(-0.05, -3.0)] and top[0].cached_tokens == 0
 
 
 def test_routing_key_pins_a_prompt_to_one_server(tokenizer):
@@ -173,7 +211,7 @@ def test_failures_raise_engine_errors_naming_the_server(tokenizer, handler, word
     engine = engine_with(tokenizer, counting, max_retries=2)
     with pytest.raises(EngineError, match=words) as info:
         asyncio.run(engine.generate([make_prefix(tokenizer)], SamplingParams(), [0]))
-    assert "http://a:1/inference/v1/generate" in str(info.value) or "response" in str(info.value)
+    assert str(info.value).startswith("http://a:1")
     assert len(calls) == tries
 
 
@@ -202,21 +240,25 @@ def test_pad_and_image_counts_must_agree(tokenizer):
         asyncio.run(engine.generate([broken], SamplingParams(), [0]))
 
 
+def sglang_item(tokens, finish, cached):
+    meta = {
+        "output_token_logprobs": [[-0.1 * (j + 1), t, None] for j, t in enumerate(tokens)],
+        "output_top_logprobs": [[[-0.01, 9, None], [-4.0, 5, None]]] + [[]] * (len(tokens) - 1),
+        "finish_reason": finish,
+    }
+    if cached is not None:
+        meta["cached_tokens"] = cached
+    return {"output_ids": list(tokens), "meta_info": meta}
+
+
 def test_sglang_translation(tokenizer):
     prefix = make_prefix(tokenizer, n_pads=(4,))
+    answer = ids_of(tokenizer, "<answer>A</answer>")
     bodies = []
 
     def handler(request):
         bodies.append((str(request.url), json.loads(request.content)))
-        item = {
-            "output_ids": [5, 6],
-            "meta_info": {
-                "output_token_logprobs": [[-0.3, 5, None], [-0.4, 6, None]],
-                "output_top_logprobs": [[[-0.01, 9, None], [-4.0, 5, None]], []],
-                "finish_reason": {"type": "stop", "matched": "</answer>"},
-                "cached_tokens": 16,
-            },
-        }
+        item = sglang_item(answer, {"type": "stop", "matched": "</answer>"}, 16)
         return httpx.Response(200, json=[item, item])
 
     engine = engine_with(tokenizer, handler, backend="sglang", urls=("http://g:30000",))
@@ -225,11 +267,37 @@ def test_sglang_translation(tokenizer):
     assert url == "http://g:30000/generate"
     assert body["return_logprob"] is True and len(body["image_data"]) == 1
     assert body["input_ids"].count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == 1
-    assert body["sampling_params"]["max_new_tokens"] == 20 and body["sampling_params"]["n"] == 2
-    assert body["sampling_params"]["top_k"] == -1  # sglang's "off"
-    assert [c.token_ids for c in out] == [(5, 6), (5, 6)]
-    assert out[0].logprobs == (-0.3, -0.4) and out[0].finish_reason == "stop"
+    params = body["sampling_params"]
+    assert params["max_new_tokens"] == 20 and params["n"] == 2 and params["sampling_seed"] == 7
+    assert params["top_k"] == -1  # sglang's "off"
+    assert params["stop_token_ids"] == sorted(eos_token_ids(tokenizer)) and params["no_stop_trim"] is True
+    assert params["logit_bias"] == {str(t): BAN_BIAS for t in banned_token_ids(tokenizer)}  # vision tokens banned
+    assert not {"seed", "max_tokens", "include_stop_str_in_output"} & set(params)  # not sglang's keys
+    assert [c.token_ids for c in out] == [answer, answer]
+    assert out[0].finish_reason == "stop" and out[0].logprobs == pytest.approx(
+        [-0.1 * (j + 1) for j in range(len(answer))]
+    )
+    assert [c.cached_tokens for c in out] == [16, len(prefix.token_ids)]
     assert engine.stats.cached_tokens == 16 + len(prefix.token_ids)
+
+
+def test_sglang_aborts_and_unreported_cache(tokenizer):
+    prefix = make_prefix(tokenizer)
+    answer = ids_of(tokenizer, "<answer>A</answer><|im_end|>")
+    unknown = engine_with(
+        tokenizer,
+        lambda r: httpx.Response(200, json=[sglang_item(answer, {"type": "stop", "matched": 7}, None)]),
+        backend="sglang",
+    )
+    [out] = asyncio.run(unknown.generate([prefix], SamplingParams(), [0]))
+    assert out.finish_reason == "eos" and out.cached_tokens is None
+    aborted = engine_with(
+        tokenizer,
+        lambda r: httpx.Response(200, json=[sglang_item(answer[:2], {"type": "abort", "message": "x"}, 0)]),
+        backend="sglang",
+    )
+    with pytest.raises(EngineError, match="aborted"):
+        asyncio.run(aborted.generate([prefix], SamplingParams(), [0]))
 
 
 def test_config_errors():

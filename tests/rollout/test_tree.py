@@ -2,6 +2,7 @@ import asyncio
 import itertools
 import math
 import random
+import zlib
 
 import pytest
 from PIL import Image
@@ -131,7 +132,7 @@ def test_chain_mode_shares_no_turn_boundary(bpe_processor):
 
 
 def _entropy_by_text(text):
-    return (hash(text) % 1000) / 100.0
+    return (zlib.crc32(text.encode()) % 1000) / 100.0
 
 
 @pytest.mark.parametrize(("selection", "pick"), [("high", max), ("low", min)])
@@ -185,6 +186,70 @@ def test_length_limits_end_branches(bpe_processor):
     assert len(depths) == 3  # the three limits stop the branches at different depths
     leaves, _, _ = run(bpe_processor, SCRIPTS["always_zoom"], budget=2, branch_factor=2, max_context_tokens=700)
     assert all(len(leaf.prompt_ids) + len(leaf.response_ids) <= 700 for leaf in leaves)
+
+
+def test_no_turn_exceeds_the_response_budget_not_even_the_first(bpe_processor):
+    long_turn = lambda text, seed: "<think>" + "blah " * 200  # noqa: E731
+    stop_early = lambda text, seed: "<think>" + "ok " * 3 + "</think><answer>A</answer>"  # noqa: E731
+    for script, limit in ((long_turn, 10), (stop_early, 9), (long_turn, 40)):
+        leaves, _, engine = run(
+            bpe_processor, script, budget=2, max_response_tokens=limit, sampling=SamplingParams(max_new_tokens=64)
+        )
+        assert all(len(leaf.response_ids) <= limit for leaf in leaves)
+        # the first turn's max_new_tokens is clamped to the budget, less one for the closing <|im_end|>
+        assert {s.max_new_tokens for s in engine.sampling_calls} == {min(64, limit - 1)}
+    # a turn that stops exactly at the clamp still gets its closing <|im_end|> within the budget
+    turn = len(bpe_processor.tokenizer.encode(stop_early("", 0), add_special_tokens=False))
+    leaves, _, _ = run(bpe_processor, stop_early, budget=2, max_response_tokens=turn + 1)
+    assert all(leaf.stop_reason == "answer" and len(leaf.response_ids) == turn + 1 for leaf in leaves)
+    prompt = len(leaves[0].prompt_ids)
+    leaves, _, engine = run(bpe_processor, long_turn, budget=2, max_context_tokens=prompt + 20)
+    assert all(len(leaf.prompt_ids) + len(leaf.response_ids) <= prompt + 20 for leaf in leaves)
+    with pytest.raises(ValueError, match="leaves no room for a turn"):
+        run(bpe_processor, long_turn, budget=2, max_context_tokens=prompt + 1)
+
+
+def _trees(processor, engine, seeds):
+    """Trees for ``seeds`` grown concurrently on ``engine`` (one route per tree)."""
+    sampler = TreeSampler(engine, processor, TreeConfig(budget=6, branch_factor=2, max_turns=3))
+    messages = build_messages("What colour is the dot?\n(A) red\n(B) blue", [get_tool("image_zoom_in_tool")])
+    image = Image.new("RGB", (640, 480), "white")
+
+    async def many():
+        return await asyncio.gather(*(sampler.sample(messages, image, route=f"uid-{s}", seed=s) for s in seeds))
+
+    return asyncio.run(many())
+
+
+def test_tree_metrics_count_only_the_trees_own_requests(bpe_processor):
+    # One engine serves several trees at once: each tree's engine metrics are its own requests only.
+    def engine():
+        return ScriptedEngine(bpe_processor.tokenizer, SCRIPTS["mixed"], cached=lambda p: len(p.token_ids) // 2)
+
+    seeds = [0, 1, 2, 3]
+    together = _trees(bpe_processor, engine(), seeds)
+    alone = [_trees(bpe_processor, engine(), [s])[0] for s in seeds]
+    computed = [record.metrics["engine_computed_tokens"] for _, record in alone]
+    assert len(set(computed)) > 1  # the trees differ, so mixing them up would show
+    for (_, a), (_, b) in zip(together, alone, strict=True):
+        assert a.metrics["engine_computed_tokens"] == b.metrics["engine_computed_tokens"]
+        assert a.metrics["engine_cached_tokens"] == b.metrics["engine_cached_tokens"]
+
+
+def test_unknown_cached_tokens_leave_the_reuse_metrics_out(bpe_processor):
+    # An engine that cannot tell its cache hits for even one request: the tree reports no reuse numbers.
+    calls = []
+
+    def cached(prefix):
+        calls.append(prefix)
+        return None if len(calls) == 3 else 0
+
+    _, record, _ = run(bpe_processor, SCRIPTS["mixed"], budget=6, branch_factor=2, max_turns=3)
+    assert record.metrics["engine_cached_tokens"] == 0 and record.metrics["engine_computed_tokens"] > 0
+    [(_, record)] = _trees(bpe_processor, ScriptedEngine(bpe_processor.tokenizer, SCRIPTS["mixed"], cached=cached), [0])
+    assert len(calls) > 3
+    assert "engine_computed_tokens" not in record.metrics and "engine_cached_tokens" not in record.metrics
+    assert record.metrics["leaves"] == 6
 
 
 def test_engine_failure_fails_the_group(bpe_processor):

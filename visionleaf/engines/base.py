@@ -73,20 +73,34 @@ class Continuation:
     """Log-probability of each generated token under the sampling distribution; aligned with token_ids."""
     finish_reason: FinishReason
     """``stop`` (a stop string), ``eos`` (an eos token) or ``length`` (max_new_tokens)."""
-    cached_tokens: int = 0
-    """Prefix tokens the engine served from its cache for this request (siblings: the whole prefix)."""
+    cached_tokens: int | None = 0
+    """Prefix tokens the engine served from its cache for this request (siblings: the whole prefix);
+    ``None`` when the engine cannot tell (the tree's reuse metrics are then left out, not guessed)."""
+
+
+@dataclass(frozen=True)
+class Probe:
+    """The entropy probe's answer for one prefix."""
+
+    top_logprobs: tuple[float, ...]
+    """Top-k log-probabilities (descending) of the first token after the prefix."""
+    cached_tokens: int | None = 0
+    """Prefix tokens served from the engine's cache for this probe; ``None`` when the engine cannot tell."""
 
 
 @dataclass
 class EngineStats:
-    """Cumulative counters; the sampler reports per-group differences."""
+    """Cumulative counters of one engine over every tree it served (per-tree numbers come from the
+    per-request ``cached_tokens`` of each :class:`Continuation` and :class:`Probe`)."""
 
     requests: int = 0
     """Sequences requested (generate rows + probes)."""
     prompt_tokens: int = 0
     """Prefix tokens of all requests."""
     cached_tokens: int = 0
-    """Prefix tokens served from the prefix cache (not recomputed)."""
+    """Prefix tokens served from the prefix cache (not recomputed), of the requests where it is known."""
+    unknown_cached: int = 0
+    """Requests whose cached tokens the engine could not tell (not in ``cached_tokens``/``computed_tokens``)."""
     computed_tokens: int = 0
     """Tokens the engine ran through the model: prefix cache misses plus fed generated tokens."""
     generated_tokens: int = 0
@@ -112,6 +126,6 @@ class Engine(Protocol):
         """Sample one turn for each prefix (identical prefixes are siblings: share their prefill)."""
         ...
 
-    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[float, ...]]:
+    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
         """Top-``top_k`` log-probabilities (descending) of the first token after each prefix."""
         ...

@@ -21,20 +21,22 @@ What it guarantees, like sglang's radix cache or vLLM's prefix cache:
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
-from collections.abc import Sequence
+import logging
+from collections import Counter, OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-from visionleaf.engines.base import Continuation, EngineStats, FinishReason, Prefix, SamplingParams
+from visionleaf.engines.base import Continuation, EngineStats, FinishReason, Prefix, Probe, SamplingParams
+from visionleaf.engines.sampling import banned_token_ids, eos_token_ids, finish_reason
 
-VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
-EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
-STOP_WINDOW = 16
-"""Generated tokens decoded to look for a stop string (stop strings span fewer tokens)."""
+logger = logging.getLogger(__name__)
+
+INDEX_BLOCK = 32
+"""Tokens per block of the prefix cache's index (chained block hashes, as vLLM's prefix cache)."""
 
 
 @dataclass(frozen=True)
@@ -64,38 +66,96 @@ class CacheEntry:
         )
 
 
+CacheKey = tuple[tuple[int, ...], tuple[str, ...]]
+
+
+def _chain(token_ids: tuple[int, ...], blocks: int) -> Iterator[int]:
+    """Chained hashes of the first ``blocks`` whole :data:`INDEX_BLOCK`-token blocks of ``token_ids``."""
+    h = 0
+    for d in range(blocks):
+        h = hash((h, token_ids[d * INDEX_BLOCK : (d + 1) * INDEX_BLOCK]))
+        yield h
+
+
 class PrefixCache:
-    """Longest-prefix lookup over :class:`CacheEntry`, LRU-evicted above ``max_bytes`` (0 disables)."""
+    """Longest-prefix lookup over :class:`CacheEntry`, LRU-evicted above ``max_bytes`` (0 disables).
+
+    Indexed by chained hashes of whole token blocks: a lookup hashes the query's blocks while some entry
+    shares them and then only compares the entries that end in the deepest shared block, so its cost
+    grows with the prefix length, not with the number of entries."""
 
     def __init__(self, max_bytes: int) -> None:
         self.max_bytes = max_bytes
-        self._entries: OrderedDict[tuple[tuple[int, ...], tuple[str, ...]], CacheEntry] = OrderedDict()
+        self._entries: OrderedDict[CacheKey, CacheEntry] = OrderedDict()
+        self._ending: dict[int, set[CacheKey]] = {}
+        """Chained hash of an entry's whole blocks (0: none) -> keys of the entries with exactly those blocks."""
+        self._chains: Counter[int] = Counter()
+        """Every chained block hash of every entry (reference counts)."""
         self.nbytes = 0
+        self.oversized = 0
+        """Entries not cached because one alone is over ``max_bytes``."""
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def lookup(self, prefix: Prefix) -> CacheEntry | None:
-        best: CacheEntry | None = None
-        for entry in self._entries.values():
-            if (best is None or len(entry.token_ids) > len(best.token_ids)) and entry.matches(prefix):
-                best = entry
-        if best is not None:
-            self._entries.move_to_end((best.token_ids, best.image_keys))
-        return best
+        ids = prefix.token_ids
+        chain = [0]
+        for h in _chain(ids, len(ids) // INDEX_BLOCK):
+            if h not in self._chains:
+                break
+            chain.append(h)
+        for depth in reversed(range(len(chain))):
+            best: CacheEntry | None = None
+            for key in self._ending.get(chain[depth], ()):
+                entry = self._entries[key]
+                if (best is None or len(entry.token_ids) > len(best.token_ids)) and entry.matches(prefix):
+                    best = entry
+            if best is not None:
+                self._entries.move_to_end((best.token_ids, best.image_keys))
+                return best
+        return None
 
     def put(self, entry: CacheEntry) -> None:
         key = (entry.token_ids, entry.image_keys)
-        if self.max_bytes <= 0 or key in self._entries or entry.nbytes > self.max_bytes:
+        if self.max_bytes <= 0 or key in self._entries:
+            return
+        if entry.nbytes > self.max_bytes:
+            if not self.oversized:
+                logger.warning(
+                    "prefix KV of %d tokens needs %d bytes > cache_max_bytes=%d: not cached, so its turns are "
+                    "recomputed (raise cache_max_bytes; counted in PrefixCache.oversized)",
+                    len(entry.token_ids),
+                    entry.nbytes,
+                    self.max_bytes,
+                )
+            self.oversized += 1
             return
         self._entries[key] = entry
+        chain = list(_chain(entry.token_ids, len(entry.token_ids) // INDEX_BLOCK))
+        self._chains.update(chain)
+        self._ending.setdefault(chain[-1] if chain else 0, set()).add(key)
         self.nbytes += entry.nbytes
         while self.nbytes > self.max_bytes:
-            _, evicted = self._entries.popitem(last=False)
-            self.nbytes -= evicted.nbytes
+            self._remove(next(iter(self._entries)))
+
+    def _remove(self, key: CacheKey) -> None:
+        evicted = self._entries.pop(key)
+        self.nbytes -= evicted.nbytes
+        chain = list(_chain(evicted.token_ids, len(evicted.token_ids) // INDEX_BLOCK))
+        self._chains.subtract(chain)
+        for h in chain:
+            if self._chains[h] <= 0:
+                del self._chains[h]
+        ending = chain[-1] if chain else 0
+        self._ending[ending].discard(key)
+        if not self._ending[ending]:
+            del self._ending[ending]
 
     def clear(self) -> None:
         self._entries.clear()
+        self._ending.clear()
+        self._chains.clear()
         self.nbytes = 0
 
 
@@ -117,14 +177,12 @@ class HFEngine:
         self.stats = EngineStats()
         self.device = next(model.parameters()).device
         vocab = model.get_output_embeddings().weight.shape[0]
-        self.eos_ids = {self.tokenizer.convert_tokens_to_ids(t) for t in EOS_TOKENS}
-        banned = [self.tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
-        banned += range(len(self.tokenizer), vocab)  # padded embedding rows are not tokens
-        self.banned = torch.tensor(sorted(set(banned)), dtype=torch.long)
+        self.eos_ids = eos_token_ids(self.tokenizer)
+        self.banned = torch.tensor(banned_token_ids(self.tokenizer, vocab), dtype=torch.long)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
         self._lock = asyncio.Lock()
 
-    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[float, ...]]:
+    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
         async with self._lock:
             return await asyncio.to_thread(self._probe, prefixes, top_k)
 
@@ -135,28 +193,28 @@ class HFEngine:
             return await asyncio.to_thread(self._generate, prefixes, sampling, seeds)
 
     @torch.inference_mode()
-    def _probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[float, ...]]:
+    def _probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
         out = []
         for prefix in prefixes:
-            entry = self._prefill(prefix)
+            entry, cached = self._prefill(prefix)
             logprobs = torch.log_softmax(self._mask(entry.last_logits[None]), dim=-1)[0]
-            out.append(tuple(logprobs.topk(min(top_k, logprobs.numel())).values.tolist()))
+            out.append(Probe(tuple(logprobs.topk(min(top_k, logprobs.numel())).values.tolist()), cached))
         return out
 
     @torch.inference_mode()
     def _generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
         # One prefill per distinct prefix; its rows (siblings) reuse it.
-        entries: dict[tuple[tuple[int, ...], tuple[str, ...]], CacheEntry] = {}
+        entries: dict[CacheKey, CacheEntry] = {}
         rows, cached = [], []
         for prefix in prefixes:
             key = (prefix.token_ids, prefix.image_keys)
-            before = self.stats.cached_tokens
             if key not in entries:
-                entries[key] = self._prefill(prefix)
+                entries[key], hit = self._prefill(prefix)
             else:
-                self._count_prompt(prefix, cached=len(prefix.token_ids))
+                hit = len(prefix.token_ids)
+                self._count_prompt(prefix, cached=hit)
             rows.append(entries[key])
-            cached.append(self.stats.cached_tokens - before)
+            cached.append(hit)
         out: list[Continuation] = []
         for start in range(0, len(rows), self.max_batch_size):
             batch = slice(start, start + self.max_batch_size)
@@ -169,13 +227,14 @@ class HFEngine:
         self.stats.cached_tokens += cached
         self.stats.computed_tokens += len(prefix.token_ids) - cached
 
-    def _prefill(self, prefix: Prefix) -> CacheEntry:
-        """KV of ``prefix``: from the cache, or by prefilling what the longest cached prefix lacks."""
+    def _prefill(self, prefix: Prefix) -> tuple[CacheEntry, int]:
+        """KV of ``prefix`` (from the cache, or by prefilling what the longest cached prefix lacks) and the
+        number of its tokens that came from the cache."""
         hit = self.cache.lookup(prefix)
         start = len(hit.token_ids) if hit else 0
         self._count_prompt(prefix, cached=start)
         if hit is not None and start == len(prefix.token_ids):
-            return hit
+            return hit, start
         suffix = torch.tensor(prefix.token_ids[start:], dtype=torch.long, device=self.device)[None]  # [1, S]
         n_before = len(hit.image_keys) if hit else 0
         images = list(prefix.images[n_before:])
@@ -209,7 +268,7 @@ class HFEngine:
             next_position=int(positions.max()) + 1,
         )
         self.cache.put(entry)
-        return entry
+        return entry, start
 
     def _mask(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float().clone()
@@ -235,10 +294,8 @@ class HFEngine:
                 drop = probs.cumsum(dim=-1) - probs > sampling.top_p  # keep the token that crosses top_p
                 logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
             logprobs = torch.log_softmax(logits, dim=-1)  # [B, V]
-            cdf = logprobs.exp().cumsum(dim=-1)  # [B, V]
-            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(cdf.device)  # [B]
-            tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None]).squeeze(-1)  # [B]
-            tokens = tokens.clamp(max=cdf.shape[-1] - 1)
+            u = torch.stack([torch.rand((), generator=g) for g in generators]).to(logits.device)  # [B]
+            tokens = inverse_cdf(logprobs.exp(), u)
         chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
         return tokens.tolist(), chosen.tolist()
 
@@ -274,7 +331,7 @@ class HFEngine:
             for i, token, logprob in zip(active, sampled, chosen, strict=True):
                 tokens[i].append(token)
                 logprobs[i].append(logprob)
-                reasons[i] = self._finish_reason(tokens[i], sampling)
+                reasons[i] = finish_reason(tokens[i], sampling, self.eos_ids, self.tokenizer)
             keep = [b for b, i in enumerate(active) if reasons[i] is None]
             for b, i in enumerate(active):
                 if reasons[i] is not None:  # KV so far covers the prefix and all but the last token
@@ -303,17 +360,6 @@ class HFEngine:
             for t, lp, r in zip(tokens, logprobs, reasons, strict=True)
         ]
 
-    def _finish_reason(self, tokens: list[int], sampling: SamplingParams) -> FinishReason | None:
-        if tokens[-1] in self.eos_ids:
-            return "eos"
-        if sampling.stop:
-            tail = self.tokenizer.decode(tokens[-STOP_WINDOW:], skip_special_tokens=False)
-            if any(stop in tail for stop in sampling.stop):
-                return "stop"
-        if len(tokens) >= sampling.max_new_tokens:
-            return "length"
-        return None
-
     def _store(
         self, entry: CacheEntry, tokens: list[int], logits: torch.Tensor, cache: DynamicCache, row: int, pad: int
     ) -> None:
@@ -329,6 +375,16 @@ class HFEngine:
                 next_position=entry.next_position + len(tokens) - 1,
             )
         )
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token per row of ``probs`` [B, V] (unnormalised) for uniforms ``u`` [B] in [0, 1): the first token
+    whose cumulative mass exceeds ``u`` times the total. Never a zero-probability token, also at u = 0 and
+    where float rounding puts ``u`` times the total at the very end."""
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    tokens = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(-1)  # [B]
+    last = (probs > 0).cumsum(dim=-1).argmax(dim=-1)  # [B] last token with mass
+    return torch.minimum(tokens, last)
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:

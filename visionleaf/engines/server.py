@@ -11,7 +11,12 @@
 All requests of one prompt carry its routing key, which picks the server (stable hash), so a tree stays
 on one server and its prefix cache. Siblings (identical prefixes in one call) go as one request with
 ``n`` = their count, prefilled once. Transient failures (connection errors, timeouts, 5xx) are retried
-with backoff; then the call raises :class:`~visionleaf.engines.base.EngineError` naming the server.
+with backoff; then the call raises :class:`~visionleaf.engines.base.EngineError` naming the server; an
+aborted or empty reply raises it too (never a turn). Sampling params come from
+:func:`~visionleaf.engines.sampling.to_backend_params` (vision tokens banned with a logit bias, both eos
+tokens stop) and finish reasons from :func:`~visionleaf.engines.sampling.reply_finish_reason` on the
+returned tokens, the rule every engine uses. Cached prefix tokens are the server's report
+(``None``, unknown, when the reply has none).
 Logprobs are what the server reports: start vLLM with ``--logprobs-mode processed_logprobs`` (the serve
 script does) so they are of the distribution sampled from, as in the HF engine.
 """
@@ -30,8 +35,8 @@ from typing import Any, Literal
 import httpx
 from PIL import Image
 
-from visionleaf.engines.base import Continuation, EngineError, EngineStats, FinishReason, Prefix, SamplingParams
-from visionleaf.engines.hf import VISION_TOKENS
+from visionleaf.engines.base import Continuation, EngineError, EngineStats, Prefix, Probe, SamplingParams
+from visionleaf.engines.sampling import banned_token_ids, eos_token_ids, reply_finish_reason, to_backend_params
 
 
 @dataclass(frozen=True)
@@ -79,8 +84,10 @@ class ServerEngine:
         self.config = config
         self._transport = transport
         self.stats = EngineStats()
+        self.tokenizer = tokenizer
         self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.banned = [tokenizer.convert_tokens_to_ids(t) for t in VISION_TOKENS]
+        self.banned = banned_token_ids(tokenizer)
+        self.eos_ids = eos_token_ids(tokenizer)
         self._client: httpx.AsyncClient | None = None
         self._data_urls: OrderedDict[str, str] = OrderedDict()
         self._image_cache_size = image_cache_size
@@ -110,37 +117,55 @@ class ServerEngine:
                 out[row] = continuation
         return [c for c in out if c is not None]
 
-    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[float, ...]]:
+    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
         return list(await asyncio.gather(*(self._probe(prefix, top_k) for prefix in prefixes)))
 
     async def _generate_group(self, prefix: Prefix, n: int, sampling: SamplingParams, seed: int) -> list[Continuation]:
-        params = self._sampling(sampling, n=n, seed=seed % (1 << 31))
-        body = self._request(prefix, params, top_logprobs=0)
-        response = await self._post(prefix.route, body)
-        continuations = self._continuations(response, prefix, n)
-        self.stats.generated_tokens += sum(len(c.token_ids) for c in continuations)
-        self.stats.computed_tokens += sum(len(c.token_ids) for c in continuations)
-        return continuations
+        body = self._request(prefix, self._sampling(sampling, n=n, seed=seed), top_logprobs=0)
+        choices, cached = self._choices(await self._post(prefix.route, body), prefix, n)
+        out = []
+        for i, choice in enumerate(choices):
+            finish = reply_finish_reason(choice["ids"], sampling, self.eos_ids, self.tokenizer)
+            if finish is None:
+                raise EngineError(f"{self.url_for(prefix.route)} returned an empty turn for {prefix.route!r}")
+            # siblings after the first are served by the same prefill
+            out.append(
+                Continuation(
+                    tuple(choice["ids"]), tuple(choice["logprobs"]), finish, cached if i == 0 else len(prefix.token_ids)
+                )
+            )
+        self._count(prefix, out)
+        return out
 
-    async def _probe(self, prefix: Prefix, top_k: int) -> tuple[float, ...]:
+    async def _probe(self, prefix: Prefix, top_k: int) -> Probe:
         params = self._sampling(SamplingParams(max_new_tokens=1, temperature=0, stop=()), n=1, seed=0)
         response = await self._post(prefix.route, self._request(prefix, params, top_logprobs=top_k))
-        choice = self._choices(response, prefix, 1)[0]
-        return tuple(sorted(choice["top"], reverse=True))
+        choices, cached = self._choices(response, prefix, 1)
+        if not choices[0]["top"]:
+            raise EngineError(f"{self.url_for(prefix.route)} returned no top logprobs for a probe of {prefix.route!r}")
+        probe = Probe(tuple(sorted(choices[0]["top"], reverse=True)), cached)
+        self._count(prefix, [Continuation((), (), "length", cached)])
+        return probe
+
+    def _count(self, prefix: Prefix, rows: Sequence[Continuation]) -> None:
+        """Add one call's requests to the engine's cumulative stats."""
+        for row in rows:
+            self.stats.requests += 1
+            self.stats.prompt_tokens += len(prefix.token_ids)
+            self.stats.generated_tokens += len(row.token_ids)
+            self.stats.computed_tokens += len(row.token_ids)
+            if row.cached_tokens is None:
+                self.stats.unknown_cached += 1
+            else:
+                self.stats.cached_tokens += row.cached_tokens
+                self.stats.computed_tokens += len(prefix.token_ids) - row.cached_tokens
 
     # -- request / response translation ---------------------------------------------------------------
 
     def _sampling(self, sampling: SamplingParams, n: int, seed: int) -> dict[str, Any]:
-        return {
-            "n": n,
-            "seed": seed,
-            "max_tokens": sampling.max_new_tokens,
-            "temperature": sampling.temperature,
-            "top_p": sampling.top_p,
-            "top_k": sampling.top_k if sampling.top_k > 0 else (0 if self.config.backend == "vllm" else -1),
-            "stop": list(sampling.stop),
-            "logit_bias": {str(t): -100 for t in self.banned},  # vision tokens are never sampled
-        }
+        return to_backend_params(
+            sampling, self.config.backend, banned=self.banned, eos_ids=self.eos_ids, n=n, seed=seed
+        )
 
     def collapse_image_pads(self, prefix: Prefix) -> list[int]:
         """Token ids with each image's run of pads reduced to one pad (servers expand it themselves)."""
@@ -157,18 +182,16 @@ class ServerEngine:
         ids = self.collapse_image_pads(prefix)
         images = [self._data_url(image, key) for image, key in zip(prefix.images, prefix.image_keys, strict=True)]
         if self.config.backend == "sglang":
-            sglang_params = {k: v for k, v in params.items() if k not in ("max_tokens", "seed")}
-            sglang_params.update(max_new_tokens=params["max_tokens"], sampling_seed=params["seed"])
             return {
                 "input_ids": ids,
                 "image_data": images,
-                "sampling_params": sglang_params,
+                "sampling_params": params,
                 "return_logprob": True,
                 "top_logprobs_num": top_logprobs,
                 "logprob_start_len": -1,
                 "rid_prefix": prefix.route,
             }
-        params = {**params, "logprobs": max(top_logprobs, 0), "include_stop_str_in_output": True}
+        params = {**params, "logprobs": max(top_logprobs, 0)}
         return {
             "token_ids": ids,
             "content_parts": [{"type": "image_url", "url": url} for url in images],
@@ -177,13 +200,14 @@ class ServerEngine:
             "output_mode": "tokens",
         }
 
-    def _choices(self, response: Any, prefix: Prefix, n: int) -> list[dict[str, Any]]:
-        """Normalised choices: ``ids``, ``logprobs``, ``top`` (top logprobs of the first token), ``finish``."""
+    def _choices(self, response: Any, prefix: Prefix, n: int) -> tuple[list[dict[str, Any]], int | None]:
+        """Normalised choices (``ids``, ``logprobs``, ``top``: top logprobs of the first token) and the prefix
+        tokens the server reports as cached (``None`` when it does not say). Aborted requests are errors."""
         try:
             if self.config.backend == "sglang":
                 items = response if isinstance(response, list) else [response]
                 choices = [_sglang_choice(item) for item in items]
-                cached = int(items[0]["meta_info"].get("cached_tokens", 0))
+                reported = items[0]["meta_info"].get("cached_tokens")
             else:
                 expanded = response.get("prompt_token_ids")
                 if expanded is not None and tuple(expanded) != prefix.token_ids:
@@ -193,29 +217,18 @@ class ServerEngine:
                         "(check min_pixels / max_pixels of both processors)"
                     )
                 choices = [_vllm_choice(choice) for choice in sorted(response["choices"], key=lambda c: c["index"])]
-                cached = int((response.get("usage") or {}).get("prompt_tokens_details", {}).get("cached_tokens") or 0)
+                reported = ((response.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+            cached = None if reported is None else int(reported)
         except (KeyError, TypeError, ValueError, IndexError) as exc:
-            if isinstance(exc, EngineError):
-                raise
-            raise EngineError(f"unexpected {self.config.backend} response ({exc!r}): {str(response)[:300]}") from exc
+            raise EngineError(
+                f"{self.url_for(prefix.route)}: unexpected {self.config.backend} response ({exc!r}): "
+                f"{str(response)[:300]}"
+            ) from exc
         if len(choices) != n:
-            raise EngineError(f"server returned {len(choices)} choices, expected {n}")
-        self.stats.requests += n
-        self.stats.prompt_tokens += len(prefix.token_ids) * n
-        self.stats.cached_tokens += cached + len(prefix.token_ids) * (n - 1)  # n > 1: prefilled once
-        self.stats.computed_tokens += len(prefix.token_ids) - cached
-        return choices
-
-    def _continuations(self, response: Any, prefix: Prefix, n: int) -> list[Continuation]:
-        before = self.stats.cached_tokens
-        choices = self._choices(response, prefix, n)
-        server_hits = self.stats.cached_tokens - before - len(prefix.token_ids) * (n - 1)
-        return [
-            Continuation(
-                tuple(c["ids"]), tuple(c["logprobs"]), c["finish"], server_hits if i == 0 else len(prefix.token_ids)
-            )
-            for i, c in enumerate(choices)
-        ]
+            raise EngineError(f"{self.url_for(prefix.route)} returned {len(choices)} choices, expected {n}")
+        if any(c["aborted"] for c in choices):
+            raise EngineError(f"{self.url_for(prefix.route)} aborted a request of {prefix.route!r}")
+        return choices, cached
 
     def _data_url(self, image: Image.Image, key: str) -> str:
         """PNG data URL of ``image``, cached by content key (the global view is sent with every turn)."""
@@ -274,10 +287,8 @@ def _vllm_choice(choice: dict[str, Any]) -> dict[str, Any]:
     if len(content) != len(ids):
         raise ValueError(f"{len(ids)} tokens but {len(content)} logprobs")
     top = [float(t["logprob"]) for t in content[0].get("top_logprobs", [])] if content else []
-    finish: FinishReason = "length" if choice["finish_reason"] == "length" else "stop"
-    if finish == "stop" and choice.get("stop_reason") is None:
-        finish = "eos"  # vLLM reports an eos token as finish "stop" without a stop string
-    return {"ids": ids, "logprobs": [float(t["logprob"]) for t in content], "top": top, "finish": finish}
+    aborted = choice.get("finish_reason") == "abort"
+    return {"ids": ids, "logprobs": [float(t["logprob"]) for t in content], "top": top, "aborted": aborted}
 
 
 def _sglang_choice(item: dict[str, Any]) -> dict[str, Any]:
@@ -287,10 +298,7 @@ def _sglang_choice(item: dict[str, Any]) -> dict[str, Any]:
     ids = [int(p[1]) for p in pairs] if pairs else [int(t) for t in item.get("output_ids", [])]
     top_lists = meta.get("output_top_logprobs") or []
     top = [float(p[0]) for p in top_lists[0]] if top_lists and top_lists[0] else []
-    # finish_reason: {"type": "length"} | {"type": "stop", "matched": <stop string or eos token id>}
+    # finish_reason: {"type": "length" | "stop" | "abort", ...}
     finish_info = meta.get("finish_reason") or {}
-    matched = finish_info.get("matched") if isinstance(finish_info, dict) else None
-    finish: FinishReason = "stop" if isinstance(matched, str) else "eos"
-    if (finish_info.get("type") if isinstance(finish_info, dict) else finish_info) == "length":
-        finish = "length"
-    return {"ids": ids, "logprobs": [float(p[0]) for p in pairs], "top": top, "finish": finish}
+    aborted = (finish_info.get("type") if isinstance(finish_info, dict) else finish_info) == "abort"
+    return {"ids": ids, "logprobs": [float(p[0]) for p in pairs], "top": top, "aborted": aborted}

@@ -25,12 +25,13 @@ import asyncio
 import random
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from PIL import Image
 
-from visionleaf.engines.base import Engine, EngineError, EngineStats, Prefix, SamplingParams, image_key
+from visionleaf.boxes import Box
+from visionleaf.engines.base import Continuation, Engine, EngineError, Prefix, SamplingParams, image_key
 from visionleaf.protocol import (
     IM_END,
     expand_image_pads,
@@ -114,7 +115,7 @@ class ToolCallRecord:
     """True when the tool returned an observation that is not an error."""
     error: str | None
     """The ``Error:`` text when not ok."""
-    box: tuple[float, float, float, float] | None
+    box: Box | None
     """Crop box in original-image pixels (zoom calls that succeeded)."""
 
 
@@ -144,7 +145,7 @@ class Leaf:
     """Node ids from the root (0) to this leaf."""
 
     @property
-    def pred_boxes(self) -> list[tuple[float, float, float, float]]:
+    def pred_boxes(self) -> list[Box]:
         """Boxes of the successful crops, original pixels, in call order."""
         return [c.box for c in self.tool_calls if c.ok and c.box is not None]
 
@@ -197,7 +198,26 @@ class TreeRecord:
     splits: list[SplitRecord]
     metrics: dict[str, float]
     """leaves, splits, unique_tokens, chain_tokens, engine_computed_tokens, engine_cached_tokens,
-    tool_calls_per_leaf, tool_errors_per_leaf, mean_turns, max_depth, wall_time_s, probe_time_s."""
+    tool_calls_per_leaf, tool_errors_per_leaf, mean_turns, max_depth, wall_time_s, probe_time_s.
+    The two ``engine_*`` keys count this tree's own requests; they are absent when the engine could not
+    tell the cached tokens of some request (unknown, not zero)."""
+
+
+@dataclass
+class _Usage:
+    """Engine work of one tree, summed over its own requests (other trees may share the engine)."""
+
+    cached: int | None = 0
+    """Prefix tokens served from the engine's cache; ``None`` once a request could not tell."""
+    computed: int = 0
+    """Prefix tokens not served from the cache plus tokens generated."""
+
+    def add(self, prefix: Prefix, cached: int | None, generated: int) -> None:
+        if cached is None or self.cached is None:
+            self.cached = None
+            return
+        self.cached += cached
+        self.computed += len(prefix.token_ids) - cached + generated
 
 
 @dataclass(eq=False)
@@ -254,7 +274,7 @@ class TreeSampler:
         """Grow one tree for a prompt. ``image`` is the global view the model sees; crops are cut from
         ``original_image`` (default: ``image``). Raises :class:`EngineError` when the engine fails."""
         cfg = self.config
-        start, before = time.perf_counter(), self.engine.stats.snapshot()
+        start, usage = time.perf_counter(), _Usage()
         rng = random.Random(cfg.seed if seed is None else seed)
         original = original_image if original_image is not None else image
         context = ToolContext(
@@ -277,7 +297,7 @@ class TreeSampler:
                 in_frontier = bool(frontier)
                 candidates = list(frontier) if in_frontier else [n for n in nodes if not n.terminal]
                 t0 = time.perf_counter()
-                chosen = await self._choose(candidates, rng)
+                chosen = await self._choose(candidates, rng, usage)
                 probe_time += time.perf_counter() - t0
                 width = cfg.width if chosen is root else cfg.branch_factor
                 new = min(width, room + 1) - 1 if in_frontier else min(width, room)
@@ -286,38 +306,38 @@ class TreeSampler:
                     chosen.split = True
                     splits.append(SplitRecord(chosen.id, tuple(c.id for c in candidates), new, not in_frontier))
             seeds = [rng.getrandbits(63) for _ in frontier]
-            children = await self._advance(frontier, context, seeds, first_id=len(nodes))
+            children = await self._advance(frontier, context, seeds, len(nodes), usage)
             nodes += children
             frontier = [c for c in children if not c.terminal]
             leaves += [c for c in children if c.terminal]
 
-        return self._finish(root, nodes, leaves, splits, probe_time, start, before)
+        return self._finish(root, nodes, leaves, splits, probe_time, start, usage)
 
     def _encode(self, text: str, images: Sequence[Image.Image]) -> list[int]:
         expanded = expand_image_pads(text, images, self.processor.image_processor)
         return list(self.tokenizer.encode(expanded, add_special_tokens=False))
 
-    async def _choose(self, candidates: list[_Node], rng: random.Random) -> _Node:
+    async def _choose(self, candidates: list[_Node], rng: random.Random, usage: _Usage) -> _Node:
         """The node to split; scores candidates that have no entropy yet (one batched probe)."""
         if len(candidates) == 1:  # nothing to compare: skip the probe
             return candidates[0]
         unscored = [n for n in candidates if n.entropy is None]
         if unscored:
-            top = await self.engine.probe([n.prefix for n in unscored], self.config.top_logprobs)
-            if len(top) != len(unscored):
-                raise EngineError(f"engine answered {len(top)} probes for {len(unscored)} prefixes")
-            for node, logprobs in zip(unscored, top, strict=True):
-                node.entropy = self._entropy(logprobs)
+            probes = await self.engine.probe([n.prefix for n in unscored], self.config.top_logprobs)
+            if len(probes) != len(unscored):
+                raise EngineError(f"engine answered {len(probes)} probes for {len(unscored)} prefixes")
+            for node, probe in zip(unscored, probes, strict=True):
+                node.entropy = self._entropy(probe.top_logprobs)
+                usage.add(node.prefix, probe.cached_tokens, generated=0)
         return candidates[self._select([n.entropy or 0.0 for n in candidates], rng)]
 
     async def _advance(
-        self, frontier: list[_Node], context: ToolContext, seeds: list[int], first_id: int
+        self, frontier: list[_Node], context: ToolContext, seeds: list[int], first_id: int, usage: _Usage
     ) -> list[_Node]:
         """One turn for every branch: sample, parse, run tools, build the child nodes."""
-        cfg = self.config
-        continuations = await self.engine.generate([n.prefix for n in frontier], cfg.sampling, seeds)
-        if len(continuations) != len(frontier):
-            raise EngineError(f"engine answered {len(continuations)} continuations for {len(frontier)} prefixes")
+        continuations = await self._generate(frontier, seeds)
+        for node, cont in zip(frontier, continuations, strict=True):
+            usage.add(node.prefix, cont.cached_tokens, len(cont.token_ids))
         children = []
         for i, (parent, cont) in enumerate(zip(frontier, continuations, strict=True)):
             child = _Node(
@@ -336,6 +356,44 @@ class TreeSampler:
             await self._finish_turn(child, cont.finish_reason == "length", context)
             children.append(child)
         return children
+
+    async def _generate(self, frontier: list[_Node], seeds: list[int]) -> list[Continuation]:
+        """A turn for every branch, ``max_new_tokens`` clamped to each branch's remaining budget (one engine
+        call per distinct budget; siblings share theirs)."""
+        groups: dict[int, list[int]] = {}
+        for i, node in enumerate(frontier):
+            groups.setdefault(self._turn_budget(node), []).append(i)
+        sampling = self.config.sampling
+        results = await asyncio.gather(
+            *(
+                self.engine.generate(
+                    [frontier[i].prefix for i in rows],
+                    replace(sampling, max_new_tokens=budget),
+                    [seeds[i] for i in rows],
+                )
+                for budget, rows in groups.items()
+            )
+        )
+        out: dict[int, Continuation] = {}
+        for rows, continuations in zip(groups.values(), results, strict=True):
+            if len(continuations) != len(rows):
+                raise EngineError(f"engine answered {len(continuations)} continuations for {len(rows)} prefixes")
+            out.update(zip(rows, continuations, strict=True))
+        return [out[i] for i in range(len(frontier))]
+
+    def _turn_budget(self, node: _Node) -> int:
+        """``max_new_tokens`` for the next turn of ``node``: at most the configured one, and at most what
+        ``max_response_tokens`` and ``max_context_tokens`` leave, less one for the closing ``<|im_end|>``
+        (only the root's can be smaller than the configured one: every later node :meth:`_fits`)."""
+        cfg = self.config
+        room = min(cfg.max_response_tokens - node.response_len, cfg.max_context_tokens - len(node.prefix.token_ids))
+        if room < 2:
+            raise ValueError(
+                f"a {len(node.prefix.token_ids)}-token prompt leaves no room for a turn within "
+                f"tree.max_response_tokens={cfg.max_response_tokens} and "
+                f"tree.max_context_tokens={cfg.max_context_tokens}; raise them or shorten the prompt"
+            )
+        return min(cfg.sampling.max_new_tokens, room - 1)
 
     def _append(self, node: _Node, ids: list[int], images: list[Image.Image], mask: int) -> None:
         node.turn_ids += ids
@@ -383,12 +441,12 @@ class TreeSampler:
             node.stop_reason = "length"
 
     def _fits(self, node: _Node, new_tokens: int) -> bool:
-        """Whether ``new_tokens`` more response tokens still leave room for a whole next turn, within
-        ``max_response_tokens`` and ``max_context_tokens`` (``node.prefix`` and ``node.response_len``
-        always describe the same tokens, so their difference is the prompt)."""
+        """Whether ``new_tokens`` more response tokens still leave room for a whole next turn and its closing
+        ``<|im_end|>``, within ``max_response_tokens`` and ``max_context_tokens`` (``node.prefix`` and
+        ``node.response_len`` always describe the same tokens, so their difference is the prompt)."""
         cfg = self.config
         prompt = len(node.prefix.token_ids) - node.response_len
-        response = node.response_len + new_tokens + cfg.sampling.max_new_tokens
+        response = node.response_len + new_tokens + cfg.sampling.max_new_tokens + 1
         return response <= cfg.max_response_tokens and prompt + response <= cfg.max_context_tokens
 
     def _finish(
@@ -399,7 +457,7 @@ class TreeSampler:
         splits: list[SplitRecord],
         probe_time: float,
         start: float,
-        before: EngineStats,
+        usage: _Usage,
     ) -> tuple[list[Leaf], TreeRecord]:
         prompt_ids = list(root.prefix.token_ids)
         out = [self._leaf(prompt_ids, leaf) for leaf in leaves]
@@ -417,15 +475,12 @@ class TreeSampler:
                     terminal=node.terminal,
                 )
             )
-        engine = self.engine.stats.since(before)
         n = len(out)
         metrics = {
             "leaves": float(n),
             "splits": float(len(splits)),
             "unique_tokens": float(len(prompt_ids) + sum(len(node.turn_ids) for node in nodes)),
             "chain_tokens": float(sum(len(leaf.prompt_ids) + len(leaf.response_ids) for leaf in out)),
-            "engine_computed_tokens": float(engine.computed_tokens),
-            "engine_cached_tokens": float(engine.cached_tokens),
             "tool_calls_per_leaf": sum(len(leaf.tool_calls) for leaf in out) / n,
             "tool_errors_per_leaf": sum(not c.ok for leaf in out for c in leaf.tool_calls) / n,
             "mean_turns": sum(leaf.num_turns for leaf in out) / n,
@@ -433,6 +488,8 @@ class TreeSampler:
             "wall_time_s": time.perf_counter() - start,
             "probe_time_s": probe_time,
         }
+        if usage.cached is not None:
+            metrics.update(engine_computed_tokens=float(usage.computed), engine_cached_tokens=float(usage.cached))
         return out, TreeRecord(records, splits, metrics)
 
     def _leaf(self, prompt_ids: list[int], node: _Node) -> Leaf:
@@ -453,5 +510,5 @@ class TreeSampler:
         )
 
 
-def _record(call: ToolCall, ok: bool, text: str, box: tuple[float, float, float, float] | None) -> ToolCallRecord:
+def _record(call: ToolCall, ok: bool, text: str, box: Box | None) -> ToolCallRecord:
     return ToolCallRecord(call.name, dict(call.arguments), ok, None if ok else text, box if ok else None)
