@@ -11,9 +11,11 @@ For machines where vLLM and SGLang do not run (the CPU default). Three pieces, r
 - :class:`HFRolloutAdapter`: the ``BaseRollout`` in the trainer worker; ``update_weights`` sends the
   actor's full weights to the server after every step (hybrid mode, ``checkpoint_engine.backend=naive``).
 
-Top log-probabilities for an entropy probe: put ``top_logprobs: k`` in the sampling params and the
-reply's ``extra_fields["top_logprobs"]`` holds the k largest log-probabilities (descending) of the first
-token after the prompt.
+Sampling params are verl's vLLM-style dict (:func:`visionleaf.engines.sampling.from_request_params`).
+A reply reports the prompt tokens served from the prefix cache in ``extra_fields["num_cached_tokens"]``,
+as verl's vLLM server does. An entropy probe (``top_logprobs: k`` in the sampling params) is answered by
+the probe alone: ``extra_fields["top_logprobs"]`` holds the k largest log-probabilities (descending) of
+the first token after the prompt, ``num_cached_tokens`` the probe's cache hit, and no token is sampled.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
 from visionleaf.engines.base import Continuation, Prefix, SamplingParams, image_key
+from visionleaf.engines.sampling import from_request_params
 
 logger = logging.getLogger(__name__)
 
@@ -40,29 +43,6 @@ logger = logging.getLogger(__name__)
 def server_actor_name(replica_rank: int) -> str:
     """Ray actor name of a replica's server (the adapter in the trainer worker finds it by name)."""
     return f"visionleaf_hf_server_{replica_rank}"
-
-
-def to_sampling(params: dict[str, Any], default_max_tokens: int) -> tuple[SamplingParams, bool, int]:
-    """verl's sampling-params dict -> (engine sampling, return logprobs, top-logprob count).
-
-    verl sends vLLM-style keys: ``temperature``, ``top_p``, ``top_k`` (-1 = off), ``max_tokens`` or
-    ``max_new_tokens``, ``logprobs`` (bool), ``repetition_penalty`` (only 1.0 is supported); the tree
-    sampler adds ``stop``, ``top_logprobs`` and ``seed`` (read by :meth:`HFServer.generate`).
-    """
-    params = dict(params)
-    penalty = float(params.pop("repetition_penalty", 1.0))
-    if penalty != 1.0:
-        raise ValueError(f"the hf rollout supports repetition_penalty=1.0 only, got {penalty}")
-    max_tokens = params.pop("max_tokens", None) or params.pop("max_new_tokens", None) or default_max_tokens
-    top_k = int(params.pop("top_k", 0) or 0)
-    sampling = SamplingParams(
-        max_new_tokens=int(max_tokens),
-        temperature=float(params.pop("temperature", 1.0)),
-        top_p=float(params.pop("top_p", 1.0)),
-        top_k=max(top_k, 0),
-        stop=tuple(params.pop("stop", None) or ()),
-    )
-    return sampling, bool(params.pop("logprobs", False)), int(params.pop("top_logprobs", 0) or 0)
 
 
 @dataclass
@@ -100,26 +80,35 @@ class HFServer:
         video_data: list[Any] | None = None,
         **_: Any,
     ) -> TokenOutput:
-        """One continuation of ``prompt_ids`` (image pads expanded) with ``image_data`` in order."""
+        """One continuation of ``prompt_ids`` (image pads expanded) with ``image_data`` in order, or the
+        entropy probe's answer when the params ask for ``top_logprobs``."""
         if video_data:
             raise ValueError("the hf rollout is image-only; got video_data")
-        sampling, want_logprobs, top_logprobs = to_sampling(sampling_params, self.response_length)
+        request = from_request_params(sampling_params, self.response_length)
+        unbanned = set(request.banned) - set(self.engine.banned.tolist())
+        if unbanned:
+            raise ValueError(f"the hf rollout bans the vision tokens only; the request also bans {sorted(unbanned)}")
+        other_stops = set(request.stop_token_ids) - set(self.engine.eos_ids)
+        if other_stops:
+            raise ValueError(f"the hf rollout stops at its eos tokens only; the request also stops at {other_stops}")
         images = tuple(image.convert("RGB") for image in image_data or ())
         prefix = Prefix(tuple(int(t) for t in prompt_ids), images, tuple(image_key(i) for i in images), request_id)
         extra: dict[str, Any] = {"global_steps": self.global_steps}
-        if top_logprobs > 0:
-            (extra["top_logprobs"],) = await self.engine.probe([prefix], top_logprobs)
+        if request.top_logprobs > 0:
+            (probe,) = await self.engine.probe([prefix], request.top_logprobs)
+            extra.update(top_logprobs=list(probe.top_logprobs), num_cached_tokens=probe.cached_tokens)
+            return TokenOutput(token_ids=[], log_probs=[], stop_reason="completed", extra_fields=extra)
         self._requests += 1
-        seed = int(sampling_params["seed"]) if sampling_params.get("seed") is not None else self._seed + self._requests
-        request = _Request(prefix, seed, asyncio.get_running_loop().create_future())
-        self._queue.setdefault(sampling, []).append(request)
+        seed = request.seed if request.seed is not None else self._seed + self._requests
+        queued = _Request(prefix, seed, asyncio.get_running_loop().create_future())
+        self._queue.setdefault(request.sampling, []).append(queued)
         if self._pump is None or self._pump.done():
             self._pump = asyncio.create_task(self._drain())
-        continuation = await request.future
-        extra["cached_tokens"] = continuation.cached_tokens
+        continuation = await queued.future
+        extra["num_cached_tokens"] = continuation.cached_tokens
         return TokenOutput(
             token_ids=list(continuation.token_ids),
-            log_probs=list(continuation.logprobs) if want_logprobs else None,
+            log_probs=list(continuation.logprobs) if request.logprobs else None,
             stop_reason="completed",
             extra_fields=extra,
         )
@@ -139,10 +128,23 @@ class HFServer:
                 request.future.set_result(output)
 
     def update_weights(self, state: dict[str, torch.Tensor], global_steps: int | None = None) -> int:
-        """Load the actor's full weights (HF names); returns how many tensors were loaded."""
-        result = self.engine.model.load_state_dict(state, strict=False)
-        if result.unexpected_keys:
-            raise ValueError(f"weights the rollout model does not have: {result.unexpected_keys[:5]}")
+        """Load the actor's full weights (HF names); returns how many tensors were loaded.
+
+        Refuses a state that lacks any of the model's tensors (a tied tensor counts as sent when one of its
+        names is): those would keep serving the old weights. Nothing is loaded then."""
+        model = self.engine.model
+        expected = model.state_dict(keep_vars=True)  # tied names map to one Parameter object
+        unexpected = sorted(set(state) - set(expected))
+        if unexpected:
+            raise ValueError(f"weights the rollout model does not have: {unexpected[:5]}")
+        sent = {id(tensor) for name, tensor in expected.items() if name in state}
+        missing = sorted(name for name, tensor in expected.items() if name not in state and id(tensor) not in sent)
+        if missing:
+            raise ValueError(
+                f"the actor's weights lack {len(missing)} tensors of the rollout model, e.g. {missing[:5]}: "
+                "the rollout would keep serving stale weights; send the full state dict (HF names)"
+            )
+        model.load_state_dict(state, strict=False)
         self.engine.cache.clear()
         self.global_steps = global_steps
         return len(state)
