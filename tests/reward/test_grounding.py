@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from visionleaf.reward.grounding import box_iou, clamp_box, grounding_reward
+from visionleaf.boxes import box_iou, clamp_box
+from visionleaf.reward.grounding import grounding_reward
 
 SQUARE = (100, 100)
 

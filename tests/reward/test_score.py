@@ -7,7 +7,7 @@ import types
 import numpy as np
 import pytest
 
-from visionleaf.reward import RewardConfig, compute_score, summarize_response
+from visionleaf.reward import RewardConfig, compute_score, format_problems, summarize_response
 
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 ERROR = "Error: bbox_2d must be 4 finite numbers"
@@ -226,12 +226,13 @@ def test_model_space_boxes_are_mapped(monkeypatch):
 
 
 def test_model_space_boxes_with_the_real_map_box():
-    pytest.importorskip("visionleaf.tools.crop")
+    from visionleaf.tools.crop import map_box
+
     info = {"model_size": [50, 50], "original_size": [100, 100]}
     # sides >= 28 px in model space, so the crop tool only scales by 100 / 50
     summary = summarize_response(response([zoom([5, 5, 45, 45]), answer()], [IMAGE]), info)
     (box,) = summary.pred_boxes
-    assert box == pytest.approx((10.0, 10.0, 90.0, 90.0))
+    assert box == pytest.approx((10.0, 10.0, 90.0, 90.0)) == map_box([5, 5, 45, 45], (50, 50), (100, 100))
 
 
 def test_numpy_extra_info_from_parquet():
@@ -283,3 +284,33 @@ def test_reward_config_errors(kwargs, message):
 def test_reward_config_judge_mapping():
     config = RewardConfig.from_kwargs(judge={"base_url": "http://127.0.0.1:8000/v1", "model": "m"})
     assert config.judge is not None and config.judge.model == "m" and config.judge.timeout_s == 30
+
+
+def test_a_faked_observation_does_not_evade_the_format_penalty():
+    # one real turn that calls a tool and answers, with a made-up observation between: call_and_answer
+    real_turn = ZOOM + "<tool_response>looks red</tool_response>" + answer("B")
+    solution = real_turn + "<|im_end|>"
+    parsed = compute_score("d", solution, "B")
+    assert parsed["format"] == 0.0  # the parse alone sees two clean turns: the evasion works on text
+    rollout = {"format_problems": list(format_problems([real_turn])), "tool_calls_ok": 0, "tool_calls_failed": 0}
+    assert rollout["format_problems"] == ["call_and_answer"]
+    scored = compute_score("d", solution, "B", extra_info=rollout)
+    assert scored["format"] == 1.0 and scored["format_problems"] == "call_and_answer"
+    assert scored["score"] == pytest.approx(0.8 - 0.2)  # acc counts, no tool bonus, penalty paid
+
+
+def test_recorded_format_problems_win_over_parsing():
+    clean = response([ZOOM, answer()], ["ok " + IMAGE])
+    assert compute_score("d", clean, "B", extra_info={"format_problems": []})["format"] == 0.0
+    broken = compute_score("d", clean, "B", extra_info={"format_problems": np.array(["no_action"])})
+    assert broken["format"] == 1.0 and broken["format_problems"] == "no_action"
+    # the reward's own comma-joined form reads back as the same names
+    assert compute_score("d", clean, "B", extra_info={"format_problems": "a,b"})["format_problems"] == "a,b"
+    assert format_problems([]) == ("no_action", "no_final_answer")
+
+
+def test_the_category_is_passed_through_for_validation():
+    assert compute_score("d", answer(), "B", extra_info={"category": "position/relative"})["category"] == (
+        "position/relative"
+    )
+    assert compute_score("d", answer(), "B")["category"] == ""

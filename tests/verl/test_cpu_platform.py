@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from visionleaf.engines.sampling import from_request_params
 from visionleaf.verl import cpu, device, plugin
 from visionleaf.verl.dataset import PILImageDataset
-from visionleaf.verl.hf_replica import to_sampling
 
 
 def test_plugin_is_a_verl_entry_point():
@@ -29,13 +29,13 @@ def test_registrations():
     from verl.workers.rollout.base import get_rollout_class
     from verl.workers.rollout.replica import RolloutReplicaRegistry
 
-    from visionleaf.verl import errors, hf_replica
+    from visionleaf.verl import hf_replica, trainer
 
     assert PlatformRegistry.get("cpu") is cpu.CPUPlatform
     assert RolloutReplicaRegistry.get("hf") is hf_replica.HFReplica
     assert get_rollout_class("hf", "async") is hf_replica.HFRolloutAdapter
-    assert get_trainer_cls(plugin.TRAINER_MODE) is errors.ErrorCountingTrainer
-    assert errors.TRAINER_MODE == plugin.TRAINER_MODE
+    assert get_trainer_cls(plugin.TRAINER_MODE) is trainer.VisionleafTrainer
+    assert trainer.TRAINER_MODE == plugin.TRAINER_MODE
 
 
 def test_cpu_platform_is_a_torch_device():
@@ -90,23 +90,29 @@ def test_offload_policy_never_pins():
 
 def test_fsdp_engine_found_for_cpu(monkeypatch):
     from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from visionleaf.verl.vepo import VepoEngine
 
     monkeypatch.setenv("VERL_ENGINE_DEVICE", "cpu")
     lookup = cpu.cpu_engine_lookup(EngineRegistry.get_engine_cls)
-    assert lookup(EngineRegistry, "language_model", "fsdp2").__name__ == "FSDPEngineWithLMHead"
+    found = lookup(EngineRegistry, "language_model", "fsdp2")
+    # verl's FSDP engine, as visionleaf's plugin registers it: VEPO's subclass (verl's engine unless flagged)
+    assert found is VepoEngine and issubclass(found, FSDPEngineWithLMHead)
 
 
 def test_sampling_params_translation():
-    sampling, logprobs, top = to_sampling(
+    request = from_request_params(
         {"temperature": 0.7, "top_p": 0.9, "top_k": -1, "logprobs": True, "repetition_penalty": 1.0}, 64
     )
+    sampling = request.sampling
     assert (sampling.temperature, sampling.top_p, sampling.top_k, sampling.max_new_tokens) == (0.7, 0.9, 0, 64)
     assert sampling.stop == ()
-    assert logprobs and top == 0
-    sampling, logprobs, top = to_sampling({"max_tokens": 8, "top_logprobs": 5}, 64)
-    assert (sampling.max_new_tokens, logprobs, top) == (8, False, 5)
+    assert request.logprobs and request.top_logprobs == 0
+    request = from_request_params({"max_tokens": 8, "top_logprobs": 5}, 64)
+    assert (request.sampling.max_new_tokens, request.logprobs, request.top_logprobs) == (8, False, 5)
     with pytest.raises(ValueError, match=r"repetition_penalty=1\.0"):
-        to_sampling({"repetition_penalty": 1.1}, 64)
+        from_request_params({"repetition_penalty": 1.1}, 64)
 
 
 def test_pil_dataset_reads_images(tmp_path):

@@ -19,13 +19,16 @@ from collections.abc import Hashable, Sequence
 import torch
 
 
-def grpo_advantages(scores: torch.Tensor, groups: Sequence[Hashable], eps: float = 1e-6) -> torch.Tensor:
-    """(r - group mean) / (group std + eps) per leaf; [B] -> [B]. A group of one gets 0."""
+def grpo_advantages(
+    scores: torch.Tensor, groups: Sequence[Hashable], eps: float = 1e-6, scale_by_std: bool = True
+) -> torch.Tensor:
+    """(r - group mean) / (group std + eps) per leaf; [B] -> [B]. A group of one gets 0.
+    ``scale_by_std=False``: no division (Dr. GRPO; verl's ``norm_adv_by_std_in_grpo=False``)."""
     out = torch.zeros_like(scores)
     for rows in _rows_by_key(groups).values():
         group = scores[rows]
         if len(rows) > 1:
-            out[rows] = (group - group.mean()) / (group.std() + eps)
+            out[rows] = (group - group.mean()) / (group.std() + eps if scale_by_std else 1.0)
     return out
 
 
@@ -35,13 +38,15 @@ def tree_grpo_advantages(
     node_paths: Sequence[Sequence[int]],
     subtree_weight: float = 1.0,
     eps: float = 1e-6,
+    scale_by_std: bool = True,
 ) -> torch.Tensor:
-    """GRPO plus ``subtree_weight`` x the subtree-relative term (module docstring); [B] -> [B]."""
-    out = grpo_advantages(scores, groups, eps)
+    """GRPO plus ``subtree_weight`` x the subtree-relative term (module docstring); [B] -> [B].
+    ``scale_by_std=False`` divides neither term by the group's std (as in :func:`grpo_advantages`)."""
+    out = grpo_advantages(scores, groups, eps, scale_by_std)
     for rows in _rows_by_key(groups).values():
         if len(rows) < 2:
             continue
-        std = scores[rows].std() + eps
+        std = scores[rows].std() + eps if scale_by_std else 1.0
         leaves_under: dict[int, list[int]] = defaultdict(list)  # node id -> rows of leaves below it
         for row in rows:
             for node in node_paths[row][:-1]:

@@ -28,10 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from visionleaf.boxes import Box
 from visionleaf.protocol import IMAGE_PLACEHOLDER
-
-Box = tuple[float, float, float, float]
-"""(x1, y1, x2, y2) in original-image pixels."""
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 OPTION_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -60,7 +58,7 @@ ROW_ARROW_SCHEMA = pa.schema(
         ),
     ]
 )
-"""Arrow schema of the rows visionleaf writes (extra keys are dropped on write)."""
+"""Arrow types of the row fields visionleaf defines (:func:`row_arrow_schema` adds a row's extra keys)."""
 
 
 def multiple_choice_text(question: str, options: Sequence[str]) -> str:
@@ -296,12 +294,56 @@ class Item:
         }
 
 
+def _holds_empty_struct(kind: pa.DataType) -> bool:
+    """True when ``kind`` is or contains a struct without fields, which parquet cannot store."""
+    if pa.types.is_struct(kind):
+        return kind.num_fields == 0 or any(_holds_empty_struct(kind.field(i).type) for i in range(kind.num_fields))
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind):
+        return _holds_empty_struct(kind.value_type)
+    return False
+
+
+def _extra_fields(mappings: Sequence[Mapping[str, Any]], known: Sequence[str], where: str) -> list[pa.Field]:
+    """Arrow fields for the keys of ``mappings`` not in ``known``, in first-seen order, types inferred from
+    the values of all rows (a row without the key reads back as None)."""
+    fields = []
+    for key in dict.fromkeys(k for m in mappings for k in m if k not in known):
+        name = f"{where}{key}"
+        try:
+            kind = pa.array([m.get(key) for m in mappings]).type
+        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+            raise ValueError(
+                f"{name}: rows disagree on the value type, one parquet column cannot hold both: {exc}"
+            ) from exc
+        if _holds_empty_struct(kind):
+            raise ValueError(
+                f"{name}: parquet cannot store an empty mapping; drop the key or give the mapping an entry"
+            )
+        fields.append(pa.field(key, kind))
+    return fields
+
+
+def row_arrow_schema(rows: Sequence[Mapping[str, Any]]) -> pa.Schema:
+    """:data:`ROW_ARROW_SCHEMA` plus the extra keys of ``rows`` (top level and in ``extra_info``), e.g.
+    verl's ``agent_name`` and ``extra_info.tools_kwargs``; raises ``ValueError`` naming a key parquet cannot hold."""
+    info = ROW_ARROW_SCHEMA.field("extra_info").type
+    known_info = [info.field(i) for i in range(info.num_fields)]
+    info_extra = _extra_fields([row["extra_info"] for row in rows], [f.name for f in known_info], "extra_info.")
+    fields = [
+        pa.field("extra_info", pa.struct(known_info + info_extra)) if field.name == "extra_info" else field
+        for field in ROW_ARROW_SCHEMA
+    ]
+    return pa.schema(fields + _extra_fields(rows, ROW_ARROW_SCHEMA.names, ""))
+
+
 def write_parquet(rows: Sequence[Mapping[str, Any]], path: str | Path) -> None:
-    """Validate every row and write them to ``path`` with :data:`ROW_ARROW_SCHEMA` (deterministic bytes)."""
+    """Validate every row and write them to ``path`` with :func:`row_arrow_schema` (deterministic bytes).
+
+    Extra keys are kept with types inferred from their values."""
     for i, row in enumerate(rows):
         try:
             validate_row(row)
         except ValueError as exc:
             raise ValueError(f"row {i}: {exc}") from exc
-    table = pa.Table.from_pylist([dict(row) for row in rows], schema=ROW_ARROW_SCHEMA)
+    table = pa.Table.from_pylist([dict(row) for row in rows], schema=row_arrow_schema(rows))
     pq.write_table(table, path)

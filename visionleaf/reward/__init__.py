@@ -12,7 +12,7 @@ from visionleaf.reward.accuracy import (
 )
 from visionleaf.reward.grounding import grounding_reward
 from visionleaf.reward.judge import JudgeConfig, JudgeError, JudgeUnavailableError, LLMJudge, get_judge
-from visionleaf.reward.score import ResponseSummary, RewardConfig, compute_score, summarize_response
+from visionleaf.reward.score import ResponseSummary, RewardConfig, compute_score, format_problems, summarize_response
 
 __all__ = [
     "MATCHER_REGISTRY",
@@ -24,6 +24,7 @@ __all__ = [
     "ResponseSummary",
     "RewardConfig",
     "compute_score",
+    "format_problems",
     "get_judge",
     "get_matcher",
     "grounding_reward",

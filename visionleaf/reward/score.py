@@ -11,9 +11,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
+from visionleaf.boxes import Box, as_box
 from visionleaf.protocol import observation_texts, split_assistant_turns
 from visionleaf.reward.accuracy import MAX_ANSWER_CHARS, accuracy, auto_matcher_name, get_matcher
-from visionleaf.reward.grounding import Box, as_box, grounding_reward
+from visionleaf.reward.grounding import grounding_reward
 from visionleaf.reward.judge import JudgeConfig, get_judge
 from visionleaf.tools import ERROR_PREFIX, ToolCall, parse_turn
 
@@ -97,23 +98,39 @@ class ResponseSummary:
     """Boxes of the successful zoom calls, original-image pixels, in call order."""
 
 
-def summarize_response(solution_str: str, extra_info: Mapping[str, Any] | None = None) -> ResponseSummary:
-    """Parse ``solution_str`` (decoded with or without special tokens) into a :class:`ResponseSummary`.
-
-    ``extra_info`` keys ``tool_calls_ok``, ``tool_calls_failed`` and ``pred_boxes`` (what the rollout
-    recorded) win over parsing. Parsed fallback: observation ``i`` answers assistant turn ``i``; it is a
-    success when that turn holds a parsed call and the observation does not start with ``Error:``.
-    Zoom boxes are mapped from model space with ``model_size`` -> ``original_size`` when both are given.
-    """
-    info = extra_info or {}
-    turns = [parse_turn(text) for text in split_assistant_turns(solution_str)]
-    observations = [text.strip() for text in observation_texts(solution_str)]
-
+def format_problems(turn_texts: Sequence[str]) -> tuple[str, ...]:
+    """Format problems of a response given its assistant turns' texts (model text only, in order): every
+    turn's parse problems, plus ``answer_before_final_turn`` / ``no_final_answer``; empty = well formed."""
+    turns = [parse_turn(text) for text in turn_texts] or [parse_turn("")]
     problems = [problem for turn in turns for problem in turn.problems]
     if any(turn.answer is not None for turn in turns[:-1]):
         problems.append("answer_before_final_turn")
     if turns[-1].answer is None:
         problems.append("no_final_answer")
+    return tuple(dict.fromkeys(problems))
+
+
+def summarize_response(solution_str: str, extra_info: Mapping[str, Any] | None = None) -> ResponseSummary:
+    """Parse ``solution_str`` (decoded with or without special tokens) into a :class:`ResponseSummary`.
+
+    ``extra_info`` keys ``tool_calls_ok``, ``tool_calls_failed``, ``pred_boxes`` and ``format_problems``
+    (what the rollout recorded, from the real turn boundaries) win over parsing: the parsed turns are cut
+    at ``<tool_response>`` blocks, which a turn can fake by writing one. Parsed fallback: observation ``i``
+    answers assistant turn ``i``; it is a success when that turn holds a parsed call and the observation
+    does not start with ``Error:``. Zoom boxes are mapped from model space with ``model_size`` ->
+    ``original_size`` when both are given.
+    """
+    info = extra_info or {}
+    turn_texts = split_assistant_turns(solution_str)
+    turns = [parse_turn(text) for text in turn_texts]
+    observations = [text.strip() for text in observation_texts(solution_str)]
+
+    recorded = info.get("format_problems")
+    if recorded is not None:  # a list (or the reward's own comma-joined string)
+        items = recorded.split(",") if isinstance(recorded, str) else recorded
+        problems = tuple(str(problem) for problem in items if str(problem))
+    else:
+        problems = format_problems(turn_texts)
 
     succeeded: list[ToolCall] = [
         turns[i].tool_calls[0]
@@ -133,7 +150,7 @@ def summarize_response(solution_str: str, extra_info: Mapping[str, Any] | None =
 
     return ResponseSummary(
         answer=turns[-1].answer,
-        format_problems=tuple(dict.fromkeys(problems)),
+        format_problems=problems,
         tool_calls_ok=ok,
         tool_calls_failed=failed,
         pred_boxes=boxes,
@@ -190,7 +207,8 @@ def compute_score(
 
     Keys: ``score``, ``acc``, ``format`` (penalty, 1 = broken), ``tool`` (0/1), ``grounding`` (in [0, 2]),
     ``iou`` / ``coverage`` (of the scored crop), ``num_tool_calls``, ``num_tool_errors``, ``answer_len``
-    (characters, 0 without answer) and ``format_problems`` (comma-joined names, "" when none).
+    (characters, 0 without answer), ``format_problems`` (comma-joined names, "" when none) and ``category``
+    (``extra_info.category``, "" when absent; validation reports accuracy per category with it).
     """
     config = RewardConfig.from_kwargs(**kwargs)
     info = extra_info or {}
@@ -226,4 +244,5 @@ def compute_score(
         "num_tool_errors": summary.tool_calls_failed,
         "answer_len": len(answer) if answer is not None else 0,
         "format_problems": ",".join(summary.format_problems),
+        "category": str(info.get("category") or ""),
     }

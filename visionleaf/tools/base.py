@@ -12,6 +12,7 @@ from typing import Any
 
 from PIL import Image
 
+from visionleaf.boxes import Box
 from visionleaf.registry import Registry
 
 ERROR_PREFIX = "Error:"
@@ -56,7 +57,7 @@ class Observation:
     """Text part of the observation."""
     images: tuple[Image.Image, ...] = ()
     """Returned images (RGB), already resized to the crop pixel budget."""
-    box: tuple[float, float, float, float] | None = None
+    box: Box | None = None
     """For crops: the box actually cut, in original-image pixels (x1, y1, x2, y2)."""
 
     @classmethod

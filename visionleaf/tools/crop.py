@@ -17,6 +17,7 @@ from typing import Any
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
 
+from visionleaf.boxes import Box
 from visionleaf.tools.base import Observation, ToolContext, ToolError, register_tool
 
 PATCH_FACTOR = 28
@@ -25,8 +26,6 @@ MIN_BOX_SIDE = 28
 """Boxes are enlarged to at least this many model-space pixels per side (one visual token)."""
 MAX_ASPECT_RATIO = 100
 """Long side / short side cap; thinner boxes are widened around their centre."""
-
-Box = tuple[float, float, float, float]
 
 
 def model_size(

@@ -2,6 +2,8 @@
 
 verl logs the total reward (``critic/score``) but not its parts; the tree agent loop and the reward put
 everything else into each sample's ``extra_fields`` (the reward's dict under ``reward_extra_info``).
+A field that is None (e.g. ``tree_prefix_reuse`` when the rollout server does not report cached tokens)
+is unknown: its metric is left out of the step, never logged as 0.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from statistics import mean
 from typing import Any
 
+ERROR_METRIC = "rollout/agent_loop_errors"
+"""Agent-loop sessions that raised since the previous logged step (0 in a healthy run)."""
+
 REWARD_KEYS = ("acc", "format", "tool", "grounding", "iou", "num_tool_calls", "num_tool_errors", "answer_len")
 """Numeric fields of :func:`visionleaf.reward.compute_score` logged as ``reward/<key>/mean``."""
 
@@ -18,6 +23,7 @@ LEAF_KEYS = {
     "tool_calls_ok": "tool/calls_ok_per_leaf",
     "tool_calls_failed": "tool/calls_failed_per_leaf",
     "tree_splits": "tree/splits_per_group",
+    "tree_splits_below_root": "tree/splits_below_root_per_group",
     "tree_prefix_reuse": "tree/engine_computed_over_unique_tokens",
     "tree_wall_time_s": "tree/wall_time_s",
 }
@@ -43,3 +49,14 @@ def leaf_metrics(extra_fields: Sequence[Mapping[str, Any] | None]) -> dict[str, 
     for reason, count in stops.items():
         out[f"rollout/stop_{reason}"] = count / total
     return out
+
+
+def accuracy_by_category(infos: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+    """``val/acc_by_category/<category>``: mean ``acc`` of the validation samples of each category, from
+    the reward's per-sample fields (``infos[key][i]``, as verl's validation collects them); samples
+    without a category or an acc are left out."""
+    groups: dict[str, list[float]] = {}
+    for category, acc in zip(infos.get("category") or [], infos.get("acc") or [], strict=False):
+        if category and isinstance(acc, int | float):
+            groups.setdefault(str(category), []).append(float(acc))
+    return {f"val/acc_by_category/{category}": mean(values) for category, values in sorted(groups.items())}
