@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
+from typing import Any
 
 import torch
 
@@ -11,8 +14,19 @@ CPU_PLATFORM = "cpu"
 
 
 def accelerator_present() -> bool:
-    """True when torch sees a CUDA (or ROCm) device."""
-    return torch.cuda.is_available()
+    """True when torch sees an accelerator: CUDA or ROCm (both ``torch.cuda``), an Ascend NPU (``torch.npu``,
+    which importing ``torch_npu`` adds) or an Intel XPU (``torch.xpu``; verl 0.9.1 has no XPU platform of its
+    own, a verl platform plugin adds one). Then the cpu platform is not selected."""
+    if torch.cuda.is_available():
+        return True
+    if not hasattr(torch, "npu") and importlib.util.find_spec("torch_npu") is not None:
+        importlib.import_module("torch_npu")  # registers torch.npu, as verl's NPU platform does
+    return any(_available(getattr(torch, name, None)) for name in ("npu", "xpu"))
+
+
+def _available(device_module: Any) -> bool:
+    is_available = getattr(device_module, "is_available", None)
+    return bool(is_available is not None and is_available())
 
 
 def cpu_platform_selected() -> bool:

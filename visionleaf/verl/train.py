@@ -4,9 +4,10 @@
     python -m visionleaf.train --config-name tiny_cpu trainer.resume_mode=auto
 
 What it adds to ``python -m verl.trainer.main_ppo``: visionleaf's configs (``configs/``, which extend
-verl's through ``pkg://verl.trainer.config``); ``VERL_PLATFORM=cpu`` when no accelerator exists; the
-tiny model and the synthetic data built when the config points at them and they are missing; relative
-paths made absolute so every Ray worker finds them. The training itself is verl's ``main`` unchanged.
+verl's ``ppo_trainer``; the entry puts both config folders on Hydra's search path); ``VERL_PLATFORM=cpu``
+when no accelerator exists; the tiny model and the synthetic data built when the config points at them and
+they are missing; relative paths made absolute so every Ray worker finds them. The training itself is
+verl's ``main`` unchanged.
 """
 
 from __future__ import annotations
@@ -15,12 +16,21 @@ import os
 from pathlib import Path
 
 import hydra
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.core.plugins import Plugins
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 from omegaconf import DictConfig, open_dict
 
 from visionleaf.verl.device import select_cpu_platform_if_no_accelerator
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 """visionleaf's Hydra configs (package data; ``configs/`` at the repository root links here)."""
+
+SEARCH_PATH = (f"file://{CONFIG_DIR}", "pkg://verl.trainer.config")
+"""Added to Hydra's search path of every run: visionleaf's configs (so a config under ``--config-path`` can
+inherit them), then verl's (``ppo_trainer`` and its groups). The entry adds it through a search-path plugin,
+not in the YAML: Hydra reads ``hydra.searchpath`` from the primary config only and refuses it in an
+inherited one, so ``deepeyes_chain`` (which inherits ``visionleaf_qwen25vl_7b``) could not compose."""
 
 TINY_WARMUP_STEPS = 400
 """Format warm-up of the tiny model, so it writes protocol-shaped turns from the first step."""
@@ -78,8 +88,27 @@ def use_cpu_platform() -> None:
         set_platform(CPUPlatform())
 
 
+class SearchPath(SearchPathPlugin):
+    """Appends :data:`SEARCH_PATH` to Hydra's config search path (registered by :func:`main`)."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        for path in SEARCH_PATH:
+            search_path.append(provider="visionleaf", path=path)
+
+
+def register_search_path() -> None:
+    """Register :class:`SearchPath` with Hydra in this process only (idempotent); call before composing."""
+    Plugins.instance().register(SearchPath)
+
+
+def main() -> None:
+    """``python -m visionleaf.train``: :func:`train` with :data:`SEARCH_PATH` on Hydra's search path."""
+    register_search_path()
+    train()
+
+
 @hydra.main(config_path=str(CONFIG_DIR), config_name="tiny_cpu", version_base=None)
-def main(config: DictConfig) -> None:
+def train(config: DictConfig) -> None:
     """Prepare, then run verl's own PPO ``main`` (V1 trainer) on the composed config."""
     if select_cpu_platform_if_no_accelerator():
         use_cpu_platform()
