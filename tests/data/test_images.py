@@ -184,3 +184,40 @@ def test_missing_file_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ImageLoadError, match=rf"^{path}: no such file"):
         load_image(path)
     assert issubclass(ImageLoadError, ValueError)
+
+
+def _jpeg_with_orientation(orientation: int) -> bytes:
+    """A 64x32 JPEG, left half red and right half blue as stored, whose EXIF asks for ``orientation``."""
+    img = Image.new("RGB", (64, 32), (0, 0, 255))
+    img.paste((255, 0, 0), (0, 0, 32, 32))
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # the EXIF Orientation tag
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", exif=exif, quality=95)
+    return buf.getvalue()
+
+
+# (EXIF orientation, displayed size, colour near the displayed top-left, colour near the displayed bottom-right)
+ORIENTATIONS = [
+    (1, (64, 32), (255, 0, 0), (0, 0, 255)),  # as stored
+    (3, (64, 32), (0, 0, 255), (255, 0, 0)),  # rotated 180 degrees
+    (6, (32, 64), (255, 0, 0), (0, 0, 255)),  # rotated 90 degrees clockwise: the stored left half is on top
+    (8, (32, 64), (0, 0, 255), (255, 0, 0)),  # rotated 90 degrees counter-clockwise: the stored left half is below
+]
+
+
+@pytest.mark.parametrize(("orientation", "size", "top_left", "bottom_right"), ORIENTATIONS)
+def test_load_image_applies_exif_orientation(
+    tmp_path: Path, orientation: int, size: tuple[int, int], top_left: tuple, bottom_right: tuple
+) -> None:
+    data = _jpeg_with_orientation(orientation)
+    with Image.open(io.BytesIO(data)) as raw:
+        assert raw.size == (64, 32) and raw.getexif()[0x0112] == orientation  # stored unrotated, tag present
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(data)
+    for img in (load_image(path), load_image(data)):
+        assert img.mode == "RGB" and img.size == size
+        width, height = size
+        pixels = np.asarray(img).astype(int)  # [H, W, 3]
+        assert np.abs(pixels[4, 4] - top_left).max() <= 8
+        assert np.abs(pixels[height - 5, width - 5] - bottom_right).max() <= 8

@@ -179,6 +179,47 @@ def test_parquet_round_trip(tmp_path: Path) -> None:
     assert arrow_rows[0] == expected[0].to_row()
 
 
+def test_parquet_keeps_extra_keys(tmp_path: Path) -> None:
+    # verl's agent loop reads a top-level agent_name and extra_info.tools_kwargs / need_tools_kwargs
+    tools_kwargs = {"image_zoom_in_tool": {"create_kwargs": {"image": "/data/img.png"}}}
+    first = _set(good_row(), "agent_name", "tool_agent")
+    first = _set(first, "extra_info.tools_kwargs", tools_kwargs)
+    first = _set(first, "extra_info.need_tools_kwargs", True)
+    first = _set(first, "weight", 0.5)
+    second = _set(good_row(), "agent_name", "visionleaf_tree")  # no tools_kwargs, no weight
+    path = tmp_path / "train.parquet"
+    write_parquet([first, second], path)
+
+    back = pq.read_table(path).to_pylist()
+    assert back[0] == first
+    assert back[1]["agent_name"] == "visionleaf_tree"
+    assert back[1]["weight"] is None and back[1]["extra_info"]["tools_kwargs"] is None
+    assert Item.from_row(back[1]) == Item.from_row(second)
+    assert list(pq.read_schema(path).names) == [*good_row(), "agent_name", "weight"]  # schema order, then first seen
+
+
+def test_parquet_extra_keys_are_deterministic(tmp_path: Path) -> None:
+    rows = [_set(_set(good_row(), "extra_info.tag", "a"), "agent_name", "tool_agent")]
+    write_parquet(rows, tmp_path / "a.parquet")
+    write_parquet(rows, tmp_path / "b.parquet")
+    assert (tmp_path / "a.parquet").read_bytes() == (tmp_path / "b.parquet").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("key", "values", "expected"),
+    [
+        ("agent_name", ["tool_agent", 3], r"^agent_name: rows disagree on the value type"),
+        ("extra_info.tag", [1, "one"], r"^extra_info\.tag: rows disagree on the value type"),
+        ("agent_name", [{}, {}], r"^agent_name: parquet cannot store an empty mapping"),
+    ],
+)
+def test_parquet_extra_key_errors_name_the_key(tmp_path: Path, key: str, values: list[Any], expected: str) -> None:
+    rows = [_set(good_row(), key, value) for value in values]
+    with pytest.raises(ValueError, match=expected):
+        write_parquet(rows, tmp_path / "x.parquet")
+    assert not (tmp_path / "x.parquet").exists()
+
+
 def test_write_parquet_refuses_bad_row(tmp_path: Path) -> None:
     bad = _set(good_row(), "extra_info.gt_boxes.0", [30, 20, 30, 40])
     with pytest.raises(ValueError, match=r"^row 1: extra_info\.gt_boxes\[0\]: x1 >= x2"):

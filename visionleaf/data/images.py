@@ -1,4 +1,5 @@
-"""Load images safely as RGB: decompression bombs refused; RGBA, P, CMYK, 16-bit and float modes converted."""
+"""Load images safely as RGB, upright: decompression bombs refused; EXIF orientation applied; RGBA, P, CMYK,
+16-bit and float modes converted."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import IO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 DEFAULT_MAX_PIXELS = 8192 * 8192 * 2
 """Largest image accepted by :func:`load_image`, in pixels (width * height): two 8k x 8k canvases."""
@@ -55,7 +56,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Read an image file (path) or encoded image (bytes) as RGB.
+    """Read an image file (path) or encoded image (bytes) as RGB, turned upright by its EXIF orientation tag.
 
     ``max_pixels`` caps width * height; the size is read from the header and checked before any
     pixel is decoded. Pillow's own limit (``PIL.Image.MAX_IMAGE_PIXELS``, whose double is a hard
@@ -76,6 +77,9 @@ def load_image(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS)
                         "if the file is trusted"
                     )
                 img.load()
+                # cameras store pixels as the sensor read them and the rotation in EXIF; viewers (and
+                # annotators drawing gt_boxes) show them rotated
+                ImageOps.exif_transpose(img, in_place=True)
                 return to_rgb(img)
     except ImageLoadError:
         raise

@@ -10,13 +10,15 @@ the result as a torch device (``tensor.to(get_device_id())``), which an integer 
 ``cuda:0``.
 
 :func:`apply_patches` fixes verl 0.9.1's remaining CPU gaps, each one narrowly and only while the cpu
-platform is selected (see each patch's docstring for why).
+platform is selected (see each patch's docstring for why), and applies the thread policy
+(:func:`apply_thread_policy`) in every process of the run.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,6 +33,13 @@ from visionleaf.verl.device import CPU_PLATFORM
 logger = logging.getLogger(__name__)
 
 PLATFORM_NAME = CPU_PLATFORM
+
+THREADS_ENV = "VISIONLEAF_CPU_THREADS"
+"""Environment variable: torch threads per process of a cpu-platform run (``0``: leave torch's default)."""
+
+PROCESSES_SHARING_CORES = 2
+"""Processes of a cpu run that compute at the same time: the trainer worker and the rollout server (the
+agent-loop worker preprocesses images beside the server). Each gets an equal share of the cores."""
 
 
 def _noop(*_: Any, **__: Any) -> None:
@@ -205,8 +214,46 @@ def cpu_engine_lookup(original: Callable[..., type]) -> Callable[..., type]:
     return lookup
 
 
+def threads_per_process(cores: int, current: int, setting: str | None = None) -> int | None:
+    """Torch intra-op threads for one process of a cpu run on ``cores`` cores that has ``current`` threads
+    now: ``setting`` (the value of :data:`THREADS_ENV`) when given, else ``current`` capped at an equal share
+    of the cores among :data:`PROCESSES_SHARING_CORES` processes (at least 1). None (``setting`` ``"0"``)
+    leaves torch's threads alone."""
+    if setting is not None and setting.strip():
+        try:
+            threads = int(setting)
+        except ValueError:
+            threads = -1
+        if threads < 0:
+            raise ValueError(f"{THREADS_ENV}={setting!r}: expected a number of threads >= 1, or 0 for torch's default")
+        return threads or None
+    return max(1, min(current, cores // PROCESSES_SHARING_CORES))
+
+
+def apply_thread_policy() -> int | None:
+    """Cap this process's torch threads at its share of the cores (:func:`threads_per_process`); return the
+    thread count, or None when :data:`THREADS_ENV` is ``0``.
+
+    Ray gives an actor with ``num_cpus=1`` one thread, but an inherited ``OMP_NUM_THREADS``, an actor with
+    more CPUs, or a process Ray did not start (the driver, a server subprocess) gets more; processes that
+    compute at once then oversubscribe a small machine. ``OMP_NUM_THREADS`` and ``MKL_NUM_THREADS`` are
+    lowered to the same count for child processes.
+    """
+    threads = threads_per_process(len(os.sched_getaffinity(0)), torch.get_num_threads(), os.environ.get(THREADS_ENV))
+    if threads is None:
+        return None
+    torch.set_num_threads(threads)
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        inherited = os.environ.get(name, "")
+        if not inherited.isdigit() or int(inherited) > threads:
+            os.environ[name] = str(threads)
+    return threads
+
+
 def apply_patches() -> None:
-    """Apply the cpu-platform patches to verl 0.9.1, each in the module that uses the patched name."""
+    """Apply the cpu-platform patches to verl 0.9.1, each in the module that uses the patched name, and the
+    thread policy."""
+    apply_thread_policy()
     from verl.workers import engine_workers
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp import transformer_impl
