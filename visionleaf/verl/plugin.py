@@ -7,10 +7,14 @@ Ray worker. Importing this module therefore registers, once per process:
 - the ``cpu`` platform in verl's ``PlatformRegistry`` (used only when ``VERL_PLATFORM=cpu``), and, while
   it is selected, the cpu patches of :mod:`visionleaf.verl.cpu`;
 - the ``hf`` rollout (:mod:`visionleaf.verl.hf_replica`) as a rollout replica and a rollout adapter;
-- the ``sglang`` / ``vllm`` replicas with the entropy probe (:mod:`visionleaf.verl.servers`, GPU only);
-- the ``visionleaf_tree`` agent loop (:mod:`visionleaf.verl.agent_loop`) and the ``visionleaf`` policy
-  loss (:mod:`visionleaf.verl.algos`);
-- the ``visionleaf_sync`` V1 trainer mode, which logs agent-loop failures (:mod:`visionleaf.verl.errors`);
+- the ``visionleaf_vllm`` / ``visionleaf_sglang`` rollouts: verl's vLLM / SGLang servers with the entropy
+  probe (:mod:`visionleaf.verl.servers`, GPU only); verl's own ``vllm`` / ``sglang`` stay unchanged;
+- the ``visionleaf_tree`` agent loop (:mod:`visionleaf.verl.agent_loop`), the ``visionleaf`` policy
+  loss and the ``visionleaf_tree_grpo`` advantage estimator (:mod:`visionleaf.verl.algos`);
+- the ``visionleaf_sync`` V1 trainer mode (:mod:`visionleaf.verl.trainer`);
+- VEPO's FSDP engine (:mod:`visionleaf.verl.vepo`) under verl's FSDP language-model engine key: it runs
+  the counterfactual forward only on calls the ``visionleaf_sync`` trainer flags (``visionleaf.vepo.mode``
+  not ``off``) and is verl's engine otherwise;
 - transformers' video-processor stand-in where torchvision is unusable (:mod:`visionleaf.compat`), so the
   Qwen2.5-VL processor loads in every worker.
 
@@ -36,7 +40,7 @@ TREE_AGENT_LOOP = "visionleaf_tree"
 """``rollout.agent.default_agent_loop`` of the tree rollout (:mod:`visionleaf.verl.agent_loop`)."""
 
 TRAINER_MODE = "visionleaf_sync"
-"""``trainer.v1.trainer_mode`` of verl's sync trainer plus the agent-loop error metric."""
+"""``trainer.v1.trainer_mode`` of :class:`visionleaf.verl.trainer.VisionleafTrainer` (verl's sync trainer + metrics)."""
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +62,7 @@ def register() -> None:
     from verl.plugin.platform import PlatformRegistry
 
     from visionleaf.compat import apply_torchvision_shim
-    from visionleaf.verl import cpu, device
+    from visionleaf.verl import cpu, device, servers
 
     apply_torchvision_shim()
     if PlatformRegistry.get(cpu.PLATFORM_NAME) is None:
@@ -75,22 +79,30 @@ def register() -> None:
     RolloutReplicaRegistry.register(HF_ROLLOUT, lambda: importlib.import_module(f"{__package__}.hf_replica").HFReplica)
     # verl keeps its rollout adapters in a module dict with no register function; add ours by path.
     rollout_base._ROLLOUT_REGISTRY[(HF_ROLLOUT, "async")] = f"{__package__}.hf_replica.HFRolloutAdapter"
-    # A process whose first verl import came from visionleaf.verl.errors (an agent-loop worker being
-    # unpickled) is half-way through importing it and runs no trainer: nothing to register there.
-    # verl's sglang / vllm replicas, with the entropy probe (top logprobs); built on use (GPU only).
-    RolloutReplicaRegistry.register("sglang", _lazy_replica("sglang_replica_class"))
-    RolloutReplicaRegistry.register("vllm", _lazy_replica("vllm_replica_class"))
-    # The tree agent loop (instantiated by path in the agent-loop workers) and the masked policy loss.
+    # verl's vLLM / SGLang rollouts with the entropy probe, under their own names: verl's `vllm` / `sglang`
+    # stay verl's own. Replicas are built on use (GPU only); the trainer-side adapters are verl's.
+    for name, base in servers.BASE_ROLLOUT.items():
+        RolloutReplicaRegistry.register(name, _lazy_replica(f"{base}_replica_class"))
+        rollout_base._ROLLOUT_REGISTRY[(name, "async")] = rollout_base._ROLLOUT_REGISTRY[(base, "async")]
+    # The tree agent loop (instantiated by path in the agent-loop workers), the loss and the estimator.
     from verl.experimental.agent_loop.agent_loop import _agent_loop_registry
 
     _agent_loop_registry[TREE_AGENT_LOOP] = {"_target_": f"{__package__}.agent_loop.TreeAgentLoop"}
     from visionleaf.verl import algos
 
     algos.register()
-    if f"{__package__}.errors" not in sys.modules and TRAINER_MODE not in TRAINER_REGISTRY:
-        from visionleaf.verl import errors
+    # VEPO's engine as verl's FSDP language-model engine; a process whose first verl import came from
+    # visionleaf.verl.vepo is half-way through importing it and builds no engine (unit tests, benchmarks).
+    if f"{__package__}.vepo" not in sys.modules:
+        from visionleaf.verl import vepo
 
-        register_trainer(TRAINER_MODE)(errors.ErrorCountingTrainer)
+        vepo.register_engine()
+    # A process whose first verl import came from visionleaf.verl.trainer (an agent-loop worker being
+    # unpickled) is half-way through importing it and runs no trainer: nothing to register there.
+    if f"{__package__}.trainer" not in sys.modules and TRAINER_MODE not in TRAINER_REGISTRY:
+        from visionleaf.verl import trainer
+
+        register_trainer(TRAINER_MODE)(trainer.VisionleafTrainer)
 
 
 def _lazy_replica(factory: str) -> Callable[[], type]:
