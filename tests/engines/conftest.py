@@ -232,7 +232,11 @@ def engine_case_vllm(vllm_url, contract_model) -> EngineCase:
 
     return EngineCase(
         name="vllm",
-        make=lambda: ServerEngine(ServerConfig(urls=(vllm_url,), timeout_s=120), processor.tokenizer),
+        make=lambda: ServerEngine(
+            ServerConfig(urls=(vllm_url,), timeout_s=120),
+            processor.tokenizer,
+            vocab_size=model.get_output_embeddings().weight.shape[0],
+        ),
         processor=processor,
         model=model,
         cached="blocks",

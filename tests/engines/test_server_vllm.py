@@ -32,13 +32,14 @@ def items(tmp_path_factory):
     return [Item.from_row(row) for row in rows]
 
 
-def server_engine(url, processor):
-    return ServerEngine(ServerConfig(urls=(url,), timeout_s=120), processor.tokenizer)
+def server_engine(url, processor, model):
+    vocab = model.get_output_embeddings().weight.shape[0]  # padded rows are banned like the vision tokens
+    return ServerEngine(ServerConfig(urls=(url,), timeout_s=120), processor.tokenizer, vocab_size=vocab)
 
 
 def test_tree_through_vllm_matches_the_model(vllm_url, model_and_processor, items):
     model, processor = model_and_processor
-    engine = server_engine(vllm_url, processor)
+    engine = server_engine(vllm_url, processor, model)
     config = TreeConfig(budget=8, branch_factor=2, max_turns=3, sampling=SamplingParams(max_new_tokens=96))
     sampler = TreeSampler(engine, processor, config)
 
@@ -64,8 +65,8 @@ def test_tree_through_vllm_matches_the_model(vllm_url, model_and_processor, item
 
 
 def test_siblings_hit_the_server_prefix_cache(vllm_url, model_and_processor):
-    _, processor = model_and_processor
-    engine = server_engine(vllm_url, processor)
+    model, processor = model_and_processor
+    engine = server_engine(vllm_url, processor, model)
     sampler = TreeSampler(engine, processor, TreeConfig(budget=1))
     image = noise_image(640, 480, seed=9)
     ids = sampler._encode(render_prompt(processor, MESSAGES), [image])
@@ -88,8 +89,8 @@ def test_siblings_hit_the_server_prefix_cache(vllm_url, model_and_processor):
 
 
 def test_client_and_server_disagreeing_on_image_size_is_an_error(vllm_url, model_and_processor):
-    _, processor = model_and_processor
-    engine = server_engine(vllm_url, processor)
+    model, processor = model_and_processor
+    engine = server_engine(vllm_url, processor, model)
     image = noise_image(640, 480, seed=9)
     pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     ids = processor.tokenizer.encode("<|im_start|>user\n<|vision_start|>", add_special_tokens=False)

@@ -80,13 +80,16 @@ class ServerEngine:
         tokenizer: Any,
         image_cache_size: int = 256,
         transport: httpx.AsyncBaseTransport | None = None,
+        vocab_size: int | None = None,
     ) -> None:
+        """``vocab_size``: the model's output rows; when given, the padded rows beyond the tokenizer's
+        vocabulary are banned too (servers sample them otherwise, with a small but nonzero probability)."""
         self.config = config
         self._transport = transport
         self.stats = EngineStats()
         self.tokenizer = tokenizer
         self.image_pad_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self.banned = banned_token_ids(tokenizer)
+        self.banned = banned_token_ids(tokenizer, vocab_size)
         self.eos_ids = eos_token_ids(tokenizer)
         self._client: httpx.AsyncClient | None = None
         self._data_urls: OrderedDict[str, str] = OrderedDict()

@@ -112,7 +112,11 @@ async def _main(args: argparse.Namespace) -> int:
             return 2
         apply_torchvision_shim()
         processor = AutoProcessor.from_pretrained(args.processor)
-        engine = ServerEngine(ServerConfig(urls=tuple(args.server), backend=args.backend), processor.tokenizer)
+        engine = ServerEngine(
+            ServerConfig(urls=tuple(args.server), backend=args.backend),
+            processor.tokenizer,
+            vocab_size=_vocab_size(args.processor),
+        )
     config = EvalConfig(
         benchmark=args.benchmark,
         data=args.data,
@@ -153,6 +157,18 @@ async def _main(args: argparse.Namespace) -> int:
         path = write_report(Path(args.out))
         print(f"[eval] report: {path}")
     return 0
+
+
+def _vocab_size(path: str) -> int | None:
+    """The checkpoint's output rows (its config's ``vocab_size``), so the server is told to skip padded rows."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return None  # a processor-only folder: only the vision tokens are banned
+    text = getattr(config, "text_config", None) or config
+    return getattr(text, "vocab_size", None)
 
 
 def main(argv: list[str] | None = None) -> None:
