@@ -40,8 +40,7 @@ THREADS_ENV = "VISIONLEAF_CPU_THREADS"
 PROCESSES_SHARING_CORES = 1
 """Processes of a cpu run that compute at the same time. verl's sync trainer alternates rollout and update
 (the actor update, 75-85% of a tiny_cpu step, runs alone), so each process may use every core; the cap
-removes only oversubscription beyond the cores (an inherited ``OMP_NUM_THREADS`` larger than the machine).
-Capping at half the cores made the main job's update ~2x slower (23-27 s/step vs 5-15 s)."""
+removes only oversubscription beyond the cores (an inherited ``OMP_NUM_THREADS`` larger than the machine)."""
 
 
 def _noop(*_: Any, **__: Any) -> None:
