@@ -7,14 +7,8 @@
 # NNODES (default 2) and GPUS_PER_NODE (default 8) become trainer.nnodes and trainer.n_gpus_per_node.
 set -euo pipefail
 
-# The arguments as one shell command line, quoting only those that need it.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg"); else out+=("${arg@Q}"); fi
-  done
-  printf '%s' "${out[*]}"
-}
+# quote: the arguments as one shell command line (shared with the other launcher).
+source "$(dirname "$0")/quote.sh"
 
 : "${RAY_ADDRESS:?set RAY_ADDRESS to the Ray dashboard address of the head node, e.g. http://HEAD:8265}"
 config=${1:-visionleaf_qwen25vl_7b}

@@ -6,14 +6,8 @@
 # PYTHON names the interpreter (default: python on PATH).
 set -euo pipefail
 
-# The arguments as one shell command line, quoting only those that need it.
-quote() {
-  local arg out=()
-  for arg in "$@"; do
-    if [[ "$arg" =~ ^[A-Za-z0-9_./:=,@%+-]+$ ]]; then out+=("$arg"); else out+=("${arg@Q}"); fi
-  done
-  printf '%s' "${out[*]}"
-}
+# quote: the arguments as one shell command line (shared with the other launcher).
+source "$(dirname "$0")/quote.sh"
 
 config=${1:-visionleaf_qwen25vl_7b}
 shift || true
