@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
 
     calls = sum(s["num_tool_calls"] for s in scores)
     errors = sum(s["num_tool_errors"] for s in scores)
-    computed = sum(t["engine_computed_tokens"] for t in trees)
+    # absent where the engine could not tell its cached tokens
+    known = all("engine_computed_tokens" in t for t in trees)
+    computed = sum(t["engine_computed_tokens"] for t in trees) if known else None
     unique = sum(t["unique_tokens"] for t in trees)
     chain = sum(t["chain_tokens"] for t in trees)
     print("[demo] summary")
@@ -126,8 +128,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"  reward            score {mean('score'):+.3f}  acc {mean('acc'):.3f}  format penalty {mean('format'):.3f}")
     print(f"  tool              bonus rate {mean('tool'):.3f}  calls/leaf {calls / len(scores):.2f}  errors {errors}")
     print(f"  grounding         mean IoU of scored crops {mean('iou'):.3f}")
-    print(f"  tree              tokens: unique {unique:.0f}, as chains {chain:.0f}, engine-computed {computed:.0f}")
-    print(f"  prefix reuse      engine-computed / unique tokens = {computed / unique:.2f}")
+    if computed is None:
+        print(f"  tree              tokens: unique {unique:.0f}, as chains {chain:.0f}, engine-computed unknown")
+    else:
+        print(f"  tree              tokens: unique {unique:.0f}, as chains {chain:.0f}, engine-computed {computed:.0f}")
+        print(f"  prefix reuse      engine-computed / unique tokens = {computed / unique:.2f}")
     print(f"  wall time         {time.perf_counter() - start:.1f}s")
 
 

@@ -75,8 +75,17 @@ def make_worker(processor, config, client):
     return worker
 
 
-def test_verl_worker_runs_one_tree_per_uid_with_per_sample_n(loop_parts, monkeypatch):
+def test_verl_worker_runs_one_tree_per_uid_with_per_sample_n(loop_parts, warm_model_dir, monkeypatch):
     model, processor, config = loop_parts
+    config = OmegaConf.merge(config, {"actor_rollout_ref": {"model": {"path": str(warm_model_dir)}}})
+    engines = []
+
+    class RecordingEngine(agent_loop.VerlEngine):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            engines.append(self)
+
+    monkeypatch.setattr(agent_loop, "VerlEngine", RecordingEngine)
     client = verl_client({"standin:0": StandInServer(model, processor, global_steps=7)}, VISIONLEAF_VLLM)
     worker = make_worker(processor, config, client)
     statuses = []
@@ -111,6 +120,9 @@ def test_verl_worker_runs_one_tree_per_uid_with_per_sample_n(loop_parts, monkeyp
     # each tree saw its own prompt's image (same question and size, so the same prompt ids)
     first, second = (worker.outputs[(uid, 0)].multi_modal_data["images"][0] for uid in ("uid-a", "uid-b"))
     assert first.tobytes() != second.tobytes()
+    # the servers are told not to sample the model's padded vocabulary rows (read from model.path's config)
+    padded = set(range(len(processor.tokenizer), model.config.text_config.vocab_size))
+    assert padded and len(engines) == 2 and all(padded <= set(e.banned) for e in engines)
 
 
 class FakeTree:

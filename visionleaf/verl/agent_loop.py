@@ -22,6 +22,7 @@ failed, and :mod:`visionleaf.verl.trainer` counts the sessions in ``rollout/agen
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
@@ -30,7 +31,9 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from transformers import AutoConfig
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
+from verl.utils.fs import copy_to_local
 
 from visionleaf.data.images import load_image
 from visionleaf.engines.base import SamplingParams
@@ -203,7 +206,9 @@ class TreeAgentLoop(AgentLoopBase):
         # crops are cut from the full-resolution original, loaded here once per tree; only the images the
         # model sees (the dataset's model-sized global view and the crops) go to the rollout server
         original_image = await asyncio.to_thread(load_image, original) if original else None
-        engine = VerlEngine(self.server_manager, self.tokenizer)
+        model_path = self.config.actor_rollout_ref.get("model", {}).get("path")
+        vocab_size = await asyncio.to_thread(model_vocab_size, model_path) if model_path else None
+        engine = VerlEngine(self.server_manager, self.tokenizer, vocab_size=vocab_size)
         sampler = TreeSampler(engine, self.processor, config)
         seed = tree_seed(kwargs, config.seed)
         leaves, record = await sampler.sample(messages, images[0], original_image=original_image, route=uid, seed=seed)
@@ -245,6 +250,14 @@ class TreeAgentLoop(AgentLoopBase):
                 "timestamp": time.time(),
             },
         )
+
+
+@functools.cache
+def model_vocab_size(path: str) -> int:
+    """Output-embedding rows of the model at ``path`` (its language model's ``vocab_size``): the rows past the
+    tokenizer's vocabulary are padding that the rollout servers must not sample."""
+    config = AutoConfig.from_pretrained(copy_to_local(path))
+    return int(getattr(config, "text_config", config).vocab_size)
 
 
 def _prefix_reuse(metrics: Mapping[str, float | None]) -> float | None:
