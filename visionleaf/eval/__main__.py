@@ -22,23 +22,12 @@ import asyncio
 import json
 import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
+from visionleaf.engines.open import open_engine
 from visionleaf.eval.loaders import BENCHMARKS
 from visionleaf.eval.protocol import VISUAL_TOKEN_PIXELS
-from visionleaf.eval.runner import CROP_SWAPS, BatchingEngine, EvalConfig, evaluate_async
-
-
-def load_model(path: str, device: str, dtype: str) -> tuple[Any, Any]:
-    """A Qwen2.5-VL-style checkpoint and its processor (offline), on ``device``."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from visionleaf.compat import apply_torchvision_shim
-
-    apply_torchvision_shim()
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype))
-    return cast(Any, model).to(device).eval(), AutoProcessor.from_pretrained(path)
+from visionleaf.eval.runner import CROP_SWAPS, EvalConfig, evaluate_async
 
 
 def _context_limit(model: Any, requested: int) -> int:
@@ -95,28 +84,15 @@ async def _main(args: argparse.Namespace) -> int:
 
     pixels = args.global_max_pixels or (args.visual_tokens * VISUAL_TOKEN_PIXELS if args.visual_tokens else None)
     context = args.max_context_tokens
-    if args.model:
-        from visionleaf.engines.hf import HFEngine
-
-        model, processor = load_model(args.model, args.device, args.dtype)
-        context = _context_limit(model, context)
-        engine: Any = BatchingEngine(HFEngine(model, processor))
-    else:
-        from transformers import AutoProcessor
-
-        from visionleaf.compat import apply_torchvision_shim
-        from visionleaf.engines.server import ServerConfig, ServerEngine
-
-        if not args.processor:
-            print("--server needs --processor DIR (the checkpoint's processor/tokenizer)", file=sys.stderr)
-            return 2
-        apply_torchvision_shim()
-        processor = AutoProcessor.from_pretrained(args.processor)
-        engine = ServerEngine(
-            ServerConfig(urls=tuple(args.server), backend=args.backend),
-            processor.tokenizer,
-            vocab_size=_vocab_size(args.processor),
+    try:
+        engine, processor, model, _ = open_engine(
+            args.model, args.server or (), args.processor, args.backend, args.device, args.dtype
         )
+    except ValueError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    if model is not None:
+        context = _context_limit(model, context)
     config = EvalConfig(
         benchmark=args.benchmark,
         data=args.data,
@@ -157,18 +133,6 @@ async def _main(args: argparse.Namespace) -> int:
         path = write_report(Path(args.out))
         print(f"[eval] report: {path}")
     return 0
-
-
-def _vocab_size(path: str) -> int | None:
-    """The checkpoint's output rows (its config's ``vocab_size``), so the server is told to skip padded rows."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError):
-        return None  # a processor-only folder: only the vision tokens are banned
-    text = getattr(config, "text_config", None) or config
-    return getattr(text, "vocab_size", None)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,8 +2,8 @@
 
 Every question is one :meth:`TreeSampler.sample` call: ``samples`` independent chains (Avg@k; one
 greedy chain by default) or, with ``tree=N``, VisionLeaf's entropy-guided tree of N leaves. Many
-questions are in flight at once; :class:`BatchingEngine` merges their turns into one engine batch (the
-in-process HF engine serves one call at a time), a server engine gets concurrent requests.
+questions are in flight at once; the engine batches their concurrent calls (the HF engine's scheduler, a
+server's continuous batching).
 
 Output folder::
 
@@ -39,7 +39,7 @@ from tqdm import tqdm
 from visionleaf.boxes import box_iou, intersection_area
 from visionleaf.data.images import ImageLoadError
 from visionleaf.data.schema import OPTION_LETTERS
-from visionleaf.engines.base import Continuation, Engine, EngineError, Prefix, Probe, SamplingParams
+from visionleaf.engines.base import Engine, EngineError, SamplingParams
 from visionleaf.eval.loaders import EvalItem, LoadIssue, load_benchmark
 from visionleaf.eval.protocol import (
     VISUAL_TOKEN_PIXELS,
@@ -186,56 +186,6 @@ class CropSwapImage(Image.Image):
         return Image.fromarray(pixels)
 
 
-class BatchingEngine:
-    """Merges the ``generate`` calls of concurrent samplers into one call of the wrapped engine.
-
-    Calls that arrive within ``window_s`` of each other (or while a batch runs) go out together;
-    each caller gets its own rows back. ``probe`` passes through.
-    """
-
-    def __init__(self, engine: Engine, window_s: float = 0.02) -> None:
-        self.engine = engine
-        self.stats = engine.stats
-        self.window_s = window_s
-        self._pending: list[tuple[list[Prefix], SamplingParams, list[int], asyncio.Future[list[Continuation]]]] = []
-        self._flusher: asyncio.Task[None] | None = None
-        self.batches: list[int] = []
-        """Rows of every batch sent (for tests and the summary)."""
-
-    async def generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
-        future: asyncio.Future[list[Continuation]] = asyncio.get_running_loop().create_future()
-        self._pending.append((prefixes, sampling, seeds, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush())
-        return await future
-
-    async def probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:
-        return await self.engine.probe(prefixes, top_k)
-
-    async def _flush(self) -> None:
-        await asyncio.sleep(self.window_s)
-        while self._pending:
-            batch, self._pending = self._pending, []
-            groups: dict[SamplingParams, list[int]] = defaultdict(list)
-            for i, request in enumerate(batch):
-                groups[request[1]].append(i)
-            for sampling, members in groups.items():
-                prefixes = [p for i in members for p in batch[i][0]]
-                seeds = [s for i in members for s in batch[i][2]]
-                self.batches.append(len(prefixes))
-                try:
-                    out = await self.engine.generate(prefixes, sampling, seeds)
-                except Exception as exc:  # every caller of the batch gets the engine's error
-                    for i in members:
-                        batch[i][3].set_exception(exc)
-                    continue
-                start = 0
-                for i in members:
-                    n = len(batch[i][0])
-                    batch[i][3].set_result(out[start : start + n])
-                    start += n
-
-
 def _safe(qid: str) -> str:
     digest = hashlib.sha1(qid.encode()).hexdigest()[:8]
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '_', qid)[:60]}-{digest}"
@@ -261,7 +211,7 @@ def _iou_stats(
     }
 
 
-class _Writer:
+class RecordWriter:
     """Appends one JSON line per finished question, fsynced (a kill loses at most the line being written)."""
 
     def __init__(self, path: Path) -> None:
@@ -498,7 +448,7 @@ async def evaluate_async(
         if (item.qid, variant) not in done and not (variant == "gt" and not item.gt_boxes)
     ]
     run = _Run(config, engine, processor, out, judge)
-    writer = _Writer(results)
+    writer = RecordWriter(results)
     gate = asyncio.Semaphore(config.concurrency)
     bar = tqdm(total=len(todo), unit="q", disable=not config.progress, dynamic_ncols=True, file=sys.stderr)
     scores = [float(r["score"]) for r in records if r["variant"] == "pred" and "error" not in r]
@@ -539,15 +489,11 @@ def evaluate(
     items: Sequence[EvalItem] | None = None,
     judge: Judge | None = None,
 ) -> EvalResult:
-    """Evaluate ``config.benchmark`` with ``engine`` (an HF engine is wrapped in :class:`BatchingEngine`).
+    """Evaluate ``config.benchmark`` with ``engine``.
 
     ``items`` replaces loading ``config.data``; ``judge`` (e.g. :class:`visionleaf.reward.LLMJudge`) scores
     answers that name no option by rule.
     """
-    from visionleaf.engines.hf import HFEngine
-
-    if isinstance(engine, HFEngine):
-        engine = BatchingEngine(engine)
     return asyncio.run(evaluate_async(config, engine, processor, items, judge))
 
 

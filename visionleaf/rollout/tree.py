@@ -17,6 +17,11 @@ exactly ``budget`` leaves exist::
 
 ``mode="chain"`` is the same loop with W = N and no later splits: N independent multi-turn rollouts,
 the vanilla GRPO baseline.
+
+``splits_per_round`` (default 1: the algorithm above) lets one round split several candidates: after
+``n*``, the strategy picks again among the candidates not yet split this round, while ``room`` lasts. Each
+pick is what the strategy would choose among those candidates; what differs is the tree's shape (the
+budget is spent at fewer, shallower turn boundaries) and the number of lockstep rounds (fewer).
 """
 
 from __future__ import annotations
@@ -77,6 +82,9 @@ class TreeConfig:
     """Per-turn sampling."""
     seed: int = 0
     """Seeds selection and sampling: same seed, same engine -> same tree."""
+    splits_per_round: int = 1
+    """Splits one round may make (1: the paper's algorithm; 0: as many as the budget's room allows, each
+    chosen by ``selection`` among the candidates not split yet this round; fewer lockstep rounds)."""
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -94,6 +102,11 @@ class TreeConfig:
             raise ValueError(f"tree.max_turns must be >= 1, got {self.max_turns}")
         if self.top_logprobs < 1:
             raise ValueError(f"tree.top_logprobs must be >= 1, got {self.top_logprobs}")
+        if self.splits_per_round < 0:
+            raise ValueError(
+                "tree.splits_per_round must be >= 0 (1: the paper's schedule, 0: as many as the room allows), "
+                f"got {self.splits_per_round}"
+            )
         SELECTION_STRATEGIES.get(self.selection)
         ENTROPY_ESTIMATORS.get(self.entropy)
 
@@ -197,8 +210,9 @@ class TreeRecord:
     nodes: list[NodeRecord]
     splits: list[SplitRecord]
     metrics: dict[str, float]
-    """leaves, splits, unique_tokens, chain_tokens, engine_computed_tokens, engine_cached_tokens,
-    tool_calls_per_leaf, tool_errors_per_leaf, mean_turns, max_depth, wall_time_s, probe_time_s.
+    """leaves, splits, rounds (lockstep ``generate`` rounds), probe_calls, unique_tokens, chain_tokens,
+    engine_computed_tokens, engine_cached_tokens, tool_calls_per_leaf, tool_errors_per_leaf, mean_turns,
+    max_depth, wall_time_s, probe_time_s.
     The two ``engine_*`` keys count this tree's own requests; they are absent when the engine could not
     tell the cached tokens of some request (unknown, not zero)."""
 
@@ -290,6 +304,7 @@ class TreeSampler:
         leaves: list[_Node] = []
         splits: list[SplitRecord] = []
         probe_time = 0.0
+        rounds = probes = 0
 
         while len(leaves) < cfg.budget:
             room = cfg.budget - len(frontier) - len(leaves)
@@ -297,30 +312,37 @@ class TreeSampler:
                 in_frontier = bool(frontier)
                 candidates = list(frontier) if in_frontier else [n for n in nodes if not n.terminal]
                 t0 = time.perf_counter()
-                chosen = await self._choose(candidates, rng, usage)
+                if len(candidates) > 1:  # a single candidate needs no entropy
+                    probes += await self._score(candidates, usage)
                 probe_time += time.perf_counter() - t0
-                width = cfg.width if chosen is root else cfg.branch_factor
-                new = min(width, room + 1) - 1 if in_frontier else min(width, room)
-                frontier += [chosen] * new
-                if new > 0:
-                    chosen.split = True
-                    splits.append(SplitRecord(chosen.id, tuple(c.id for c in candidates), new, not in_frontier))
+                picks = 0
+                while room > 0 and candidates and picks < (cfg.splits_per_round or cfg.budget):
+                    pick = self._select([n.entropy or 0.0 for n in candidates], rng) if len(candidates) > 1 else 0
+                    chosen = candidates[pick]
+                    width = cfg.width if chosen is root else cfg.branch_factor
+                    new = min(width, room + 1) - 1 if in_frontier else min(width, room)
+                    frontier += [chosen] * new
+                    if new > 0:
+                        chosen.split = True
+                        splits.append(SplitRecord(chosen.id, tuple(c.id for c in candidates), new, not in_frontier))
+                    room -= new
+                    picks += 1
+                    candidates = [c for c in candidates if c is not chosen]
             seeds = [rng.getrandbits(63) for _ in frontier]
             children = await self._advance(frontier, context, seeds, len(nodes), usage)
+            rounds += 1
             nodes += children
             frontier = [c for c in children if not c.terminal]
             leaves += [c for c in children if c.terminal]
 
-        return self._finish(root, nodes, leaves, splits, probe_time, start, usage)
+        return self._finish(root, nodes, leaves, splits, probe_time, (rounds, probes), start, usage)
 
     def _encode(self, text: str, images: Sequence[Image.Image]) -> list[int]:
         expanded = expand_image_pads(text, images, self.processor.image_processor)
         return list(self.tokenizer.encode(expanded, add_special_tokens=False))
 
-    async def _choose(self, candidates: list[_Node], rng: random.Random, usage: _Usage) -> _Node:
-        """The node to split; scores candidates that have no entropy yet (one batched probe)."""
-        if len(candidates) == 1:  # nothing to compare: skip the probe
-            return candidates[0]
+    async def _score(self, candidates: list[_Node], usage: _Usage) -> int:
+        """Entropy of every candidate that has none yet (one batched probe); the engine calls made (0 or 1)."""
         unscored = [n for n in candidates if n.entropy is None]
         if unscored:
             probes = await self.engine.probe([n.prefix for n in unscored], self.config.top_logprobs)
@@ -329,7 +351,7 @@ class TreeSampler:
             for node, probe in zip(unscored, probes, strict=True):
                 node.entropy = self._entropy(probe.top_logprobs)
                 usage.add(node.prefix, probe.cached_tokens, generated=0)
-        return candidates[self._select([n.entropy or 0.0 for n in candidates], rng)]
+        return int(bool(unscored))
 
     async def _advance(
         self, frontier: list[_Node], context: ToolContext, seeds: list[int], first_id: int, usage: _Usage
@@ -456,6 +478,7 @@ class TreeSampler:
         leaves: list[_Node],
         splits: list[SplitRecord],
         probe_time: float,
+        calls: tuple[int, int],
         start: float,
         usage: _Usage,
     ) -> tuple[list[Leaf], TreeRecord]:
@@ -479,6 +502,8 @@ class TreeSampler:
         metrics = {
             "leaves": float(n),
             "splits": float(len(splits)),
+            "rounds": float(calls[0]),
+            "probe_calls": float(calls[1]),
             "unique_tokens": float(len(prompt_ids) + sum(len(node.turn_ids) for node in nodes)),
             "chain_tokens": float(sum(len(leaf.prompt_ids) + len(leaf.response_ids) for leaf in out)),
             "tool_calls_per_leaf": sum(len(leaf.tool_calls) for leaf in out) / n,

@@ -5,8 +5,8 @@ For machines where vLLM and SGLang do not run (the CPU default). Three pieces, r
 
 - :class:`HFServer`: an async Ray actor holding the model and an ``HFEngine`` (prefix KV cache). Its
   ``generate`` has the signature of verl's vLLM server: verl's ``LLMServerClient`` and load balancer
-  talk to it unchanged. Concurrent requests are batched: while one batch decodes, new requests queue,
-  and the next batch takes every queued request with the same sampling settings.
+  talk to it unchanged. Concurrent requests are batched by the engine's own scheduler (while one batch
+  runs, new requests queue; the next batch takes them all), the one that also batches concurrent trees.
 - :class:`HFReplica`: the ``RolloutReplica`` that starts one ``HFServer`` per replica.
 - :class:`HFRolloutAdapter`: the ``BaseRollout`` in the trainer worker; ``update_weights`` sends the
   actor's full weights to the server after every step (hybrid mode, ``checkpoint_engine.backend=naive``).
@@ -20,11 +20,9 @@ the first token after the prompt, ``num_cached_tokens`` the probe's cache hit, a
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -34,7 +32,7 @@ from verl.utils.fs import copy_to_local
 from verl.workers.rollout.base import BaseRollout
 from verl.workers.rollout.replica import RolloutReplica, TokenOutput
 
-from visionleaf.engines.base import Continuation, Prefix, SamplingParams, image_key
+from visionleaf.engines.base import Prefix, image_key
 from visionleaf.engines.sampling import from_request_params
 
 logger = logging.getLogger(__name__)
@@ -43,13 +41,6 @@ logger = logging.getLogger(__name__)
 def server_actor_name(replica_rank: int) -> str:
     """Ray actor name of a replica's server (the adapter in the trainer worker finds it by name)."""
     return f"visionleaf_hf_server_{replica_rank}"
-
-
-@dataclass
-class _Request:
-    prefix: Prefix
-    seed: int
-    future: asyncio.Future[Continuation] = field(repr=False)
 
 
 class HFServer:
@@ -68,8 +59,6 @@ class HFServer:
         self.global_steps: int | None = None
         self._seed = seed
         self._requests = 0
-        self._queue: dict[SamplingParams, list[_Request]] = {}
-        self._pump: asyncio.Task[None] | None = None
 
     async def generate(
         self,
@@ -100,11 +89,7 @@ class HFServer:
             return TokenOutput(token_ids=[], log_probs=[], stop_reason="completed", extra_fields=extra)
         self._requests += 1
         seed = request.seed if request.seed is not None else self._seed + self._requests
-        queued = _Request(prefix, seed, asyncio.get_running_loop().create_future())
-        self._queue.setdefault(request.sampling, []).append(queued)
-        if self._pump is None or self._pump.done():
-            self._pump = asyncio.create_task(self._drain())
-        continuation = await queued.future
+        (continuation,) = await self.engine.generate([prefix], request.sampling, [seed])
         extra["num_cached_tokens"] = continuation.cached_tokens
         return TokenOutput(
             token_ids=list(continuation.token_ids),
@@ -112,20 +97,6 @@ class HFServer:
             stop_reason="completed",
             extra_fields=extra,
         )
-
-    async def _drain(self) -> None:
-        """Serve queued requests in batches until the queue is empty."""
-        while self._queue:
-            sampling, batch = next(iter(self._queue.items()))
-            del self._queue[sampling]
-            try:
-                outputs = await self.engine.generate([r.prefix for r in batch], sampling, [r.seed for r in batch])
-            except Exception as error:
-                for request in batch:
-                    request.future.set_exception(error)
-                continue
-            for request, output in zip(batch, outputs, strict=True):
-                request.future.set_result(output)
 
     def update_weights(self, state: dict[str, torch.Tensor], global_steps: int | None = None) -> int:
         """Load the actor's full weights (HF names); returns how many tensors were loaded.
