@@ -49,3 +49,22 @@ def clamp_box(box: Box, image_size: tuple[float, float]) -> Box:
     w, h = image_size
     x1, y1, x2, y2 = (min(max(v, 0.0), limit) for v, limit in zip(box, (w, h, w, h), strict=True))
     return x1, y1, x2, y2
+
+
+def box_hierarchy(tight: Box, width: int, height: int) -> list[Box]:
+    """visionleaf's GT boxes for a target whose tight box is ``tight``, in a ``width`` x ``height`` image:
+    ``tight``, then its 2x and 4x enlargements around the same centre (outwards to whole pixels, clamped to
+    the image), smallest first, duplicates dropped."""
+    x1, y1, x2, y2 = tight
+    cx, cy, bw, bh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
+    boxes: list[Box] = [(float(x1), float(y1), float(x2), float(y2))]
+    for factor in (2, 4):
+        box = (
+            float(max(0, math.floor(cx - bw * factor / 2))),
+            float(max(0, math.floor(cy - bh * factor / 2))),
+            float(min(width, math.ceil(cx + bw * factor / 2))),
+            float(min(height, math.ceil(cy + bh * factor / 2))),
+        )
+        if box != boxes[-1]:
+            boxes.append(box)
+    return boxes

@@ -59,7 +59,19 @@ def test_box_iou(a, b, expected):
 def test_grounding_reward(pred, gt_boxes, image_size, expected):
     result = grounding_reward(pred, gt_boxes, image_size)
     iou, l1, coverage, score = expected
-    assert result == pytest.approx({"iou": iou, "l1": l1, "coverage": coverage, "score": score})
+    assert {k: v for k, v in result.items() if k != "raw_iou"} == pytest.approx(
+        {"iou": iou, "l1": l1, "coverage": coverage, "score": score}
+    )
+    # the IoU without the coverage gate: equal to r_iou whenever the gate passes
+    if coverage >= 0.9:
+        assert result["raw_iou"] == pytest.approx(iou)
+
+
+def test_raw_iou_ignores_the_coverage_gate():
+    # covers 100 of g_1's 400 px (coverage 0.25): r_iou 0, raw IoU 100 / 700
+    result = grounding_reward((0, 0, 20, 20), [(10, 10, 30, 30)], SQUARE)
+    assert result["iou"] == 0.0 and result["raw_iou"] == pytest.approx(1 / 7)
+    assert grounding_reward(None, [(10, 10, 30, 30)], SQUARE)["raw_iou"] == 0.0
 
 
 def test_coverage_threshold_is_configurable():

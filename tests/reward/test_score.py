@@ -126,7 +126,9 @@ def test_result_keys_are_loggable_scalars():
     result = compute_score("vstar", response([ZOOM, answer()], [IMAGE]), "B", OPTIONS)
     expected_keys = {"score", "acc", "format", "tool", "grounding", "num_tool_calls", "num_tool_errors"}
     assert expected_keys <= set(result)
-    assert all(isinstance(v, (int, float, str)) for v in result.values())
+    # None only where nothing was measured: no GT boxes here, so no crop was scored
+    assert all(isinstance(v, (int, float, str)) for k, v in result.items() if k not in ("crop_iou", "crop_coverage"))
+    assert result["crop_iou"] is None and result["crop_coverage"] is None
     assert result["answer_len"] == 1
     assert result["format_problems"] == ""
 
@@ -196,6 +198,31 @@ def test_compute_score_grounding(turns, observations, extra_info, kwargs, expect
 def test_grounding_is_zero_without_gt_boxes():
     result = compute_score("vstar", response([answer()]), "B", {**OPTIONS, "pred_boxes": [EXACT]}, grounding_weight=1)
     assert (result["grounding"], result["iou"], result["coverage"]) == (0.0, 0.0, 0.0)
+    assert (result["crop_iou"], result["crop_coverage"]) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("pred_boxes", "kwargs", "expected"),
+    [
+        # exact crop of g_1
+        ([EXACT], {}, (1.0, 1.0, 1.0)),
+        # half of g_1 (coverage 0.5 < 0.9): the reward's iou is 0, the logged crop IoU is 1250/2500
+        ([[10, 10, 35, 60]], {}, (0.5, 0.5, 0.0)),
+        # FAR overlaps only g_2: IoU 400/10000, coverage of g_1 0
+        ([[10, 10, 35, 60], FAR], {}, (0.04, 0.0, 0.0)),
+        # best crop (by grounding reward) is the half crop
+        ([[10, 10, 35, 60], FAR], {"grounding_mode": "best"}, (0.5, 0.5, 0.0)),
+        # no crop: nothing to measure
+        ([], {}, (None, None, 0.0)),
+    ],
+)
+def test_crop_iou_is_the_scored_crops_ungated_iou(pred_boxes, kwargs, expected):
+    info = {**OPTIONS, **GT, "pred_boxes": pred_boxes}
+    result = compute_score("vstar", response([answer()]), "B", info, **kwargs)
+    crop_iou, crop_coverage, iou = expected
+    assert result["crop_iou"] == (pytest.approx(crop_iou) if crop_iou is not None else None)
+    assert result["crop_coverage"] == (pytest.approx(crop_coverage) if crop_coverage is not None else None)
+    assert result["iou"] == pytest.approx(iou)
 
 
 def test_grounding_needs_the_original_size():

@@ -174,25 +174,27 @@ def _original_box(bbox_2d: Any, info: Mapping[str, Any]) -> Box | None:
         return None
 
 
-_NO_GROUNDING = {"iou": 0.0, "l1": 0.0, "coverage": 0.0, "score": 0.0}
+_NO_GROUNDING = {"iou": 0.0, "l1": 0.0, "coverage": 0.0, "score": 0.0, "raw_iou": 0.0}
 
 
-def _grounding(boxes: Sequence[Box], info: Mapping[str, Any], config: RewardConfig) -> dict[str, float]:
+def _grounding(boxes: Sequence[Box], info: Mapping[str, Any], config: RewardConfig) -> dict[str, float] | None:
+    """:func:`grounding_reward` of the crop ``config.grounding_mode`` picks; None when no crop is scored
+    (no successful zoom, no GT boxes, or no ``original_size`` at grounding weight 0)."""
     gt_boxes = info.get("gt_boxes")
     if gt_boxes is None or len(gt_boxes) == 0:
-        return dict(_NO_GROUNDING)
+        return None
     if info.get("original_size") is None:
         if config.grounding_weight > 0:
             raise ValueError(
                 "extra_info has gt_boxes but no original_size ([width, height] in pixels), which the "
                 "grounding reward needs; add it to the dataset rows or set grounding_weight=0"
             )
-        return dict(_NO_GROUNDING)
+        return None
     size = _size(info["original_size"])
     gts = [as_box(box) for box in gt_boxes]
     candidates = boxes if config.grounding_mode == "best" else boxes[-1:]
     results = [grounding_reward(box, gts, size, config.coverage_threshold) for box in candidates]
-    return max(results, key=lambda r: r["score"], default=dict(_NO_GROUNDING))
+    return max(results, key=lambda r: r["score"], default=None)
 
 
 def compute_score(
@@ -201,12 +203,15 @@ def compute_score(
     ground_truth: Any,
     extra_info: Mapping[str, Any] | None = None,
     **kwargs: Any,
-) -> dict[str, float | int | str]:
+) -> dict[str, float | int | str | None]:
     """Reward of one response (verl's custom reward signature); ``kwargs`` are :class:`RewardConfig`
-    overrides. Every value is a scalar or a str so that verl can log it.
+    overrides. Every value is a scalar or a str so that verl can log it, or None where there is nothing to
+    measure (verl's validation metrics and :func:`visionleaf.verl.metrics.leaf_metrics` leave None out).
 
     Keys: ``score``, ``acc``, ``format`` (penalty, 1 = broken), ``tool`` (0/1), ``grounding`` (in [0, 2]),
-    ``iou`` / ``coverage`` (of the scored crop), ``num_tool_calls``, ``num_tool_errors``, ``answer_len``
+    ``iou`` / ``coverage`` (the reward's terms of the scored crop: 0 without one), ``crop_iou`` (max IoU of the
+    scored crop with the GT boxes, whatever its coverage) and ``crop_coverage`` (of the smallest GT box): None
+    when no crop is scored; ``num_tool_calls``, ``num_tool_errors``, ``answer_len``
     (characters, 0 without answer), ``format_problems`` (comma-joined names, "" when none) and ``category``
     (``extra_info.category``, "" when absent; validation reports accuracy per category with it).
     """
@@ -225,7 +230,8 @@ def compute_score(
 
     fmt = float(bool(summary.format_problems))
     tool = float(summary.tool_calls_ok > 0 and (acc > 0 or not config.gate_tool_on_acc))
-    grounding = _grounding(summary.pred_boxes, info, config)
+    scored = _grounding(summary.pred_boxes, info, config)
+    grounding = scored or _NO_GROUNDING
     score = (
         config.acc_weight * acc
         - config.format_weight * fmt
@@ -240,6 +246,8 @@ def compute_score(
         "grounding": grounding["score"],
         "iou": grounding["iou"],
         "coverage": grounding["coverage"],
+        "crop_iou": scored["raw_iou"] if scored else None,
+        "crop_coverage": scored["coverage"] if scored else None,
         "num_tool_calls": summary.tool_calls_ok + summary.tool_calls_failed,
         "num_tool_errors": summary.tool_calls_failed,
         "answer_len": len(answer) if answer is not None else 0,

@@ -16,8 +16,21 @@ from typing import Any
 ERROR_METRIC = "rollout/agent_loop_errors"
 """Agent-loop sessions that raised since the previous logged step (0 in a healthy run)."""
 
-REWARD_KEYS = ("acc", "format", "tool", "grounding", "iou", "num_tool_calls", "num_tool_errors", "answer_len")
-"""Numeric fields of :func:`visionleaf.reward.compute_score` logged as ``reward/<key>/mean``."""
+REWARD_KEYS = (
+    "acc",
+    "format",
+    "tool",
+    "grounding",
+    "iou",
+    "crop_iou",
+    "crop_coverage",
+    "num_tool_calls",
+    "num_tool_errors",
+    "answer_len",
+)
+"""Numeric fields of :func:`visionleaf.reward.compute_score` logged as ``reward/<key>/mean``: the mean over the
+leaves where the field is a number (``crop_iou`` / ``crop_coverage`` are None on leaves without a scored crop,
+so they average over the leaves that cropped, and are absent from a step where none did)."""
 
 LEAF_KEYS = {
     "tool_calls_ok": "tool/calls_ok_per_leaf",
@@ -30,9 +43,16 @@ LEAF_KEYS = {
 """Numeric ``extra_fields`` of :class:`visionleaf.verl.agent_loop.TreeAgentLoop` and their metric names."""
 
 
+ZOOM_CROPS_METRIC = "tool/zoom_crops_per_leaf"
+"""Successful zoom crops per leaf (the leaf's ``pred_boxes``; DeepEyes' zoom count)."""
+
+CROPPED_SHARE_METRIC = "tool/leaves_with_crop"
+"""Share of the step's leaves with at least one successful zoom crop."""
+
+
 def leaf_metrics(extra_fields: Sequence[Mapping[str, Any] | None]) -> dict[str, float]:
     """Means over the step's leaves (tree-level fields repeat on each leaf of a tree, so they average
-    per tree), and the share of each stop reason as ``rollout/stop_<reason>``."""
+    per tree), the zoom crops per leaf, and the share of each stop reason as ``rollout/stop_<reason>``."""
     fields = [f for f in extra_fields if isinstance(f, Mapping)]
     out: dict[str, float] = {}
     rewards = [f.get("reward_extra_info") or {} for f in fields]
@@ -44,6 +64,10 @@ def leaf_metrics(extra_fields: Sequence[Mapping[str, Any] | None]) -> dict[str, 
         values = [float(f[key]) for f in fields if isinstance(f.get(key), int | float)]
         if values:
             out[name] = mean(values)
+    crops = [len(f["pred_boxes"]) for f in fields if hasattr(f.get("pred_boxes"), "__len__")]
+    if crops:
+        out[ZOOM_CROPS_METRIC] = mean(crops)
+        out[CROPPED_SHARE_METRIC] = mean(float(n > 0) for n in crops)
     stops = Counter(str(f["stop_reason"]) for f in fields if "stop_reason" in f)
     total = sum(stops.values())
     for reason, count in stops.items():
@@ -60,3 +84,19 @@ def accuracy_by_category(infos: Mapping[str, Sequence[Any]]) -> dict[str, float]
         if category and isinstance(acc, int | float):
             groups.setdefault(str(category), []).append(float(acc))
     return {f"val/acc_by_category/{category}": mean(values) for category, values in sorted(groups.items())}
+
+
+CROP_KEYS = ("crop_iou", "crop_coverage")
+"""Reward fields that are None on leaves without a scored crop."""
+
+
+def crop_metrics(infos: Mapping[str, Sequence[Any]]) -> dict[str, float]:
+    """``val/<key>/mean`` for :data:`CROP_KEYS`: the mean over all validation leaves with a scored crop (verl's
+    own ``val-aux/<source>/crop_iou/mean@n`` averages per prompt, grouped by how many of its leaves cropped);
+    absent when no leaf cropped."""
+    out: dict[str, float] = {}
+    for key in CROP_KEYS:
+        values = [float(v) for v in infos.get(key) or [] if isinstance(v, int | float)]
+        if values:
+            out[f"val/{key}/mean"] = mean(values)
+    return out
