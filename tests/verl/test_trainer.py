@@ -21,7 +21,7 @@ from verl.utils.tensordict_utils import list_of_dict_to_tensordict
 from visionleaf.algo.advantages import grpo_advantages
 from visionleaf.verl.agent_loop import SESSIONS_PER_PROMPT
 from visionleaf.verl.algos import TREE_GRPO, tree_node_paths
-from visionleaf.verl.trainer import CountingAgentLoopWorker, VisionleafTrainer
+from visionleaf.verl.trainer import REPLAY_POLL_INTERVAL_S, CountingAgentLoopWorker, VisionleafTrainer
 
 # one prompt, 4 leaves: root 0 splits into 1 and 2, node 1 into leaves 3 and 4, node 2 into leaves 5 and 6
 UIDS = ["p", "p", "p", "p"]
@@ -218,3 +218,15 @@ def test_visionleaf_sync_runs_verls_sync_schedule():
     assert trainer.trainer_mode == "sync"
     assert type(trainer.replay_buffer) is ReplayBuffer
     assert not isinstance(trainer.replay_buffer, ReplayBufferAsync)
+
+
+def test_replay_buffer_polls_for_finished_rollouts_often():
+    from tests.verl.test_configs import composed
+
+    trainer = object.__new__(VisionleafTrainer)
+    trainer.config = composed("tiny_cpu")
+    trainer.trainer_mode = "sync"
+    trainer._add_prompts_to_generate = lambda *args, **kwargs: None
+    buffer = trainer._build_replay_buffer()
+    assert type(buffer).__name__ == "ReplayBuffer"  # verl's own, with only the interval changed
+    assert buffer.poll_interval == REPLAY_POLL_INTERVAL_S < 2.0

@@ -31,12 +31,12 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from transformers import AutoConfig
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 from verl.utils.fs import copy_to_local
 
 from visionleaf.data.images import load_image
 from visionleaf.engines.base import SamplingParams
+from visionleaf.engines.open import model_vocab_size
 from visionleaf.reward.score import format_problems
 from visionleaf.rollout.tree import Leaf, TreeConfig, TreeRecord, TreeSampler
 from visionleaf.verl.engine import VerlEngine
@@ -207,7 +207,7 @@ class TreeAgentLoop(AgentLoopBase):
         # model sees (the dataset's model-sized global view and the crops) go to the rollout server
         original_image = await asyncio.to_thread(load_image, original) if original else None
         model_path = self.config.actor_rollout_ref.get("model", {}).get("path")
-        vocab_size = await asyncio.to_thread(model_vocab_size, model_path) if model_path else None
+        vocab_size = await asyncio.to_thread(_vocab_size, model_path) if model_path else None
         engine = VerlEngine(self.server_manager, self.tokenizer, vocab_size=vocab_size)
         sampler = TreeSampler(engine, self.processor, config)
         seed = tree_seed(kwargs, config.seed)
@@ -222,6 +222,7 @@ class TreeAgentLoop(AgentLoopBase):
                 "raise it or lower the image processor's max_pixels"
             )
         metrics = record.metrics
+        spans = {node.id: node.span for node in record.nodes}
         return AgentLoopOutput(
             prompt_ids=leaf.prompt_ids,
             response_ids=leaf.response_ids,
@@ -235,6 +236,8 @@ class TreeAgentLoop(AgentLoopBase):
                 # from the real turn boundaries: a turn that writes its own <tool_response> fools a text parse
                 "format_problems": list(format_problems(leaf.turn_texts)),
                 "node_path": leaf.node_path,
+                # [start, end) response offsets of each node on the path, for the tree-packed training forward
+                "node_spans": [list(spans[node]) for node in leaf.node_path],
                 "stop_reason": leaf.stop_reason,
                 "tree_splits": metrics["splits"],
                 "tree_splits_below_root": float(
@@ -253,11 +256,9 @@ class TreeAgentLoop(AgentLoopBase):
 
 
 @functools.cache
-def model_vocab_size(path: str) -> int:
-    """Output-embedding rows of the model at ``path`` (its language model's ``vocab_size``): the rows past the
-    tokenizer's vocabulary are padding that the rollout servers must not sample."""
-    config = AutoConfig.from_pretrained(copy_to_local(path))
-    return int(getattr(config, "text_config", config).vocab_size)
+def _vocab_size(path: str) -> int | None:
+    """The model's output rows, read once per worker (``path`` may be a remote folder verl copies)."""
+    return model_vocab_size(copy_to_local(path))
 
 
 def _prefix_reuse(metrics: Mapping[str, float | None]) -> float | None:

@@ -32,6 +32,7 @@ from verl.workers.engine.utils import detach_tree
 from verl.workers.utils.padding import response_from_nested, response_to_nested
 
 from visionleaf.algo.vepo import VepoConfig, perturb_patches, sample_seed, sampled_token_k3, select_tokens, token_jsd
+from visionleaf.verl.tree_forward import TreeForwardEngineMixin
 
 VEPO_KEY = "visionleaf_vepo"
 """Non-tensor entry of verl's ``compute_log_prob`` batch that asks for the counterfactual forward."""
@@ -73,8 +74,10 @@ def train_selected_tokens(data: TensorDict) -> None:
         data["loss_mask"] = data[MASK_FIELD]
 
 
-class VepoEngine(FSDPEngineWithLMHead):
-    """verl's FSDP language-model engine plus VEPO's counterfactual forward and selected-token update."""
+class VepoEngine(TreeForwardEngineMixin, FSDPEngineWithLMHead):
+    """verl's FSDP language-model engine plus VEPO's counterfactual forward and selected-token update, and the
+    tree-packed forward (:mod:`visionleaf.verl.tree_forward`). One registered class dispatches each call: a
+    VEPO-flagged one runs the counterfactual forward, a tree-flagged one packs trees, any other is verl's."""
 
     def forward_backward_batch(self, data: TensorDict, loss_function: Any, forward_only: bool = False) -> Any:
         if not forward_only:
