@@ -9,10 +9,23 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
 from visionleaf.data.images import load_image
 from visionleaf.data.schema import Item, validate_row
-from visionleaf.data.synthetic import CATEGORIES, PALETTE, WORDS, generate
+from visionleaf.data.synthetic import (
+    CATEGORIES,
+    PALETTE,
+    STRIPE_AMPLITUDE,
+    STRIPE_CANVAS,
+    WORDS,
+    generate,
+    generate_stripes,
+    quadrant_box,
+)
+from visionleaf.protocol import image_pixel_budget
+from visionleaf.tools import ToolCall, ToolContext, run_tool
+from visionleaf.tools.crop import resize_to_budget
 
 SMALL = {"min_size": 256, "max_size": 384}
 
@@ -177,3 +190,78 @@ def test_cli(tmp_path: Path) -> None:
     assert [row["extra_info"]["split"] for row in table] == ["val"] * 4
     library = generate(tmp_path / "lib", n=4, seed=5, min_size=256, max_size=300, split="val")
     assert str(table).replace(str(out), str(tmp_path / "lib")) == str(library)
+
+
+# stripes task: the information gap by construction -------------------------------------------------------
+
+
+def _stripe_oracle(image: Image.Image, box: tuple[float, float, float, float]) -> str:
+    """Pixel-statistics reader: ``vertical`` when brightness changes more along x than along y inside the
+    middle 60% of ``box`` (x1, y1, x2, y2 in ``image`` pixels), else ``horizontal``; ties answer
+    ``horizontal`` (a coin flip's worth of information)."""
+    x1, y1, x2, y2 = box
+    dx, dy = (x2 - x1) / 5, (y2 - y1) / 5
+    region = np.asarray(image.convert("L"), dtype=np.float64)[
+        round(y1 + dy) : round(y2 - dy), round(x1 + dx) : round(x2 - dx)
+    ]  # [h, w]
+    along_x = np.abs(np.diff(region, axis=1)).mean() if region.shape[1] > 1 else 0.0
+    along_y = np.abs(np.diff(region, axis=0)).mean() if region.shape[0] > 1 else 0.0
+    return "vertical" if along_x > along_y else "horizontal"
+
+
+@pytest.fixture(scope="module")
+def stripe_rows(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return generate_stripes(tmp_path_factory.mktemp("stripes"), n=24, seed=5)
+
+
+def test_stripes_rows_are_valid_and_balanced(stripe_rows: list[dict[str, Any]]) -> None:
+    answers = []
+    for row in stripe_rows:
+        validate_row(row)
+        item = Item.from_row(row)
+        assert all(STRIPE_CANVAS[0] <= side <= STRIPE_CANVAS[1] for side in item.original_size)
+        answers.append(item.options["AB".index(item.ground_truth)])
+        x1, y1, x2, y2 = item.gt_boxes[0]
+        qx1, qy1, qx2, qy2 = quadrant_box(row["extra_info"]["quadrant"], item.original_size)
+        assert qx1 <= x1 < x2 <= qx2 and qy1 <= y1 < y2 <= qy2  # the square lies inside its quadrant
+    assert 6 <= answers.count("vertical") <= 18
+
+
+def test_stripes_gap_global_view_at_chance_quadrant_crop_readable(stripe_rows, bpe_processor) -> None:
+    """The global view at the tiny model's pixel budget (the processor's smart resize) keeps where the
+    square is (its mean colour) but not its stripes; the real zoom tool's crop of the square's quadrant
+    keeps them: a pixel-statistics oracle reads ~50% from the first and 100% from the second."""
+    min_pixels, max_pixels = image_pixel_budget(bpe_processor.image_processor)
+    global_right = 0
+    crop_right = {"quadrant": 0, "gt": 0}
+    for row in stripe_rows:
+        item = Item.from_row(row)
+        answer = item.options["AB".index(item.ground_truth)]
+        original = load_image(item.image)
+        view = resize_to_budget(original, min_pixels, max_pixels)
+        sx, sy = view.width / original.width, view.height / original.height
+        x1, y1, x2, y2 = item.gt_boxes[0]
+        global_right += _stripe_oracle(view, (x1 * sx, y1 * sy, x2 * sx, y2 * sy)) == answer
+        # the square's colour still marks its place in the global view
+        mean = np.asarray(view, dtype=np.float64)[round(y1 * sy) + 2 : round(y2 * sy) - 2, round(x1 * sx) + 2 :]
+        assert np.abs(mean[:, : max(1, round((x2 - x1) * sx) - 4)].mean((0, 1)) - _square_colour(row)).max() < 12
+
+        quadrant = list(quadrant_box(row["extra_info"]["quadrant"], view.size))
+        for name, bbox in (("quadrant", quadrant), ("gt", [x1 * sx, y1 * sy, x2 * sx, y2 * sy])):
+            call = ToolCall("image_zoom_in_tool", {"bbox_2d": bbox})
+            observation = run_tool(call, ToolContext(original, view.size, min_pixels, max_pixels))
+            assert observation.ok and observation.box is not None
+            crop, (bx1, by1, bx2, by2) = observation.images[0], observation.box
+            cx, cy = crop.width / (bx2 - bx1), crop.height / (by2 - by1)
+            box_in_crop = ((x1 - bx1) * cx, (y1 - by1) * cy, (x2 - bx1) * cx, (y2 - by1) * cy)
+            crop_right[name] += _stripe_oracle(crop, box_in_crop) == answer
+    n = len(stripe_rows)
+    print(f"oracle accuracy over {n}: global view {global_right / n:.2f}, crops {crop_right}")
+    assert crop_right == {"quadrant": n, "gt": n}
+    assert abs(global_right / n - 0.5) <= 0.25, f"global view read {global_right}/{n}: the stripes leak"
+
+
+def _square_colour(row: dict[str, Any]) -> np.ndarray:
+    colour = re.search(r"small (\w+) square", row["extra_info"]["question"])
+    assert colour is not None
+    return np.clip(np.array(PALETTE[colour.group(1)]), STRIPE_AMPLITUDE, 255 - STRIPE_AMPLITUDE)

@@ -14,6 +14,14 @@ V*-like difficulty (4k-8k px canvases, about 5 s per item on one core)::
 
     python -m visionleaf.data.synthetic --out data/synthetic_8k --n 512 --seed 0 \\
         --min-size 4096 --max-size 8192 --split test
+
+The ``stripes`` task (:func:`generate_stripes`, the CPU main job's data) has an information gap by
+construction: one coloured square whose stripes (period :data:`STRIPE_PERIOD` px) vanish when the
+1.8k-2k px canvas is resized to the tiny model's 64-token global view, but survive in a crop of the
+quadrant that holds it. The square's mean colour is the same for both orientations, so the global view
+shows where to zoom but not the answer::
+
+    python -m visionleaf.data.synthetic --task stripes --out data/stripes --n 64 --seed 0
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from visionleaf.boxes import box_hierarchy
 from visionleaf.data.schema import OPTION_LETTERS, Box, multiple_choice_text, write_parquet
 from visionleaf.protocol import build_messages
 from visionleaf.tools import get_tool
@@ -203,23 +212,6 @@ def _paste(canvas: Image.Image, placed: Sequence[tuple[_Sprite, int, int]]) -> t
     )
 
 
-def _hierarchy(tight: tuple[int, int, int, int], width: int, height: int) -> list[Box]:
-    """``tight`` then its 2x and 4x enlargements around the same centre, clamped, duplicates dropped."""
-    x1, y1, x2, y2 = tight
-    cx, cy, bw, bh = (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1
-    boxes: list[Box] = [(float(x1), float(y1), float(x2), float(y2))]
-    for factor in (2, 4):
-        box = (
-            float(max(0, int(np.floor(cx - bw * factor / 2)))),
-            float(max(0, int(np.floor(cy - bh * factor / 2)))),
-            float(min(width, int(np.ceil(cx + bw * factor / 2)))),
-            float(min(height, int(np.ceil(cy + bh * factor / 2)))),
-        )
-        if box != boxes[-1]:
-            boxes.append(box)
-    return boxes
-
-
 def _make_item(
     rng: np.random.Generator, width: int, height: int, category: str
 ) -> tuple[Image.Image, _Question, tuple[int, int, int, int]]:
@@ -325,10 +317,119 @@ def generate(
                     "split": split,
                     "question": text,
                     "options": question.options,
-                    "gt_boxes": [list(box) for box in _hierarchy(tight, width, height)],
+                    "gt_boxes": [list(box) for box in box_hierarchy(tight, width, height)],
                     "original_image": str(path),
                     "original_size": [width, height],
                     "category": category,
+                },
+            }
+        )
+    write_parquet(rows, out / f"{split}.parquet")
+    return rows
+
+
+STRIPE_PERIOD = 6
+"""Stripe period of the ``stripes`` task, px of the original: gone at the tiny global view's 7-9x
+downsampling, readable in a quadrant crop (about 4x)."""
+STRIPE_CANVAS = (1792, 2048)
+"""Side range of the square canvases of the ``stripes`` task, px (multiples of 32: the tiny model's global
+view is always 224 x 224, so the quadrant boxes are the same four in every image)."""
+STRIPE_FILL = (0.5, 0.7)
+"""Side of the striped square as a share of its quadrant's side: a large block in the global view, and most
+of a quadrant crop (the tiny model learns a whole-crop texture; a small object among background it does not)."""
+STRIPE_AMPLITUDE = 48
+"""Brightness swing of the stripes around the square's colour (both orientations share the mean)."""
+STRIPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
+STRIPE_OPTIONS = ("horizontal", "vertical")
+STRIPES_CATEGORY = "attribute/stripes"
+
+
+def quadrant_box(quadrant: int, size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """Box (x1, y1, x2, y2) of ``quadrant`` (0 top-left, 1 top-right, 2 bottom-left, 3 bottom-right) of an
+    image of ``size`` (width, height)."""
+    col, row = quadrant % 2, quadrant // 2
+    half_w, half_h = size[0] // 2, size[1] // 2
+    return col * half_w, row * half_h, size[0] if col else half_w, size[1] if row else half_h
+
+
+def _grey_background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
+    """Smooth grey blobs with a faint tint ([H, W, 3] uint8, channels in [80, 200]): the coloured square
+    stands out, and the smooth canvas encodes fast."""
+    grey = rng.integers(90, 191, size=(max(2, height // 192), max(2, width // 192), 1))
+    coarse = (grey + rng.integers(-10, 11, size=(*grey.shape[:2], 3))).astype(np.uint8)
+    return np.array(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
+
+
+def _stripes_item(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, _Question, Box, int]:
+    """One ``stripes`` canvas: its question, the square's tight box and the quadrant that holds it."""
+    quarter = min(width, height) // 2
+    side = int(quarter * rng.uniform(*STRIPE_FILL))
+    colour = _pick(rng, STRIPE_COLOURS, 1)[0]
+    orientation = STRIPE_OPTIONS[int(rng.integers(2))]
+    quadrant = int(rng.integers(4))
+    qx1, qy1, qx2, qy2 = quadrant_box(quadrant, (width, height))
+    # The square lies inside its quadrant, at least 5% of the quadrant's side from its edges.
+    margin = quarter // 20 + side // 2 + 1
+    cx = int(rng.integers(qx1 + margin, qx2 - margin))
+    cy = int(rng.integers(qy1 + margin, qy2 - margin))
+    x1, y1 = cx - side // 2, cy - side // 2
+    phase = int(rng.integers(STRIPE_PERIOD))
+    along = (np.arange(side) + phase) // (STRIPE_PERIOD // 2) % 2 * 2 - 1  # [side], +-1
+    wave = along[None, :] if orientation == "vertical" else along[:, None]  # [1, side] or [side, 1]
+    base = np.clip(np.array(PALETTE[colour]), STRIPE_AMPLITUDE, 255 - STRIPE_AMPLITUDE)  # [3]
+    tile = base[None, None, :] + STRIPE_AMPLITUDE * np.broadcast_to(wave, (side, side))[..., None]  # [s, s, 3]
+    canvas = _grey_background(rng, width, height)  # [H, W, 3]
+    canvas[y1 : y1 + side, x1 : x1 + side] = tile.astype(np.uint8)
+    options = [STRIPE_OPTIONS[i] for i in rng.permutation(2)]
+    question = _Question(f"Are the stripes on the small {colour} square horizontal or vertical?", options, orientation)
+    return Image.fromarray(canvas), question, (float(x1), float(y1), float(x1 + side), float(y1 + side)), quadrant
+
+
+def generate_stripes(
+    out_dir: str | Path,
+    n: int,
+    seed: int,
+    split: str = "train",
+    tool_names: Sequence[str] = ("image_zoom_in_tool",),
+) -> list[dict[str, Any]]:
+    """Write ``n`` ``stripes`` items (see the module docstring) like :func:`generate`; return the rows.
+
+    ``extra_info.quadrant`` names the quadrant that holds the square (see :func:`quadrant_box`).
+    """
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    tools = [get_tool(name) for name in tool_names]
+    out = Path(out_dir).resolve()
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for index in range(n):
+        rng = np.random.default_rng([seed, zlib.crc32(f"stripes/{split}".encode()), index])
+        width = height = 32 * int(rng.integers(STRIPE_CANVAS[0] // 32, STRIPE_CANVAS[1] // 32 + 1))
+        canvas, question, tight, quadrant = _stripes_item(rng, width, height)
+        path = out / "images" / f"{split}_{index:06d}.png"
+        canvas.save(path, format="PNG", compress_level=1)
+        text = multiple_choice_text(question.stem, question.options)
+        tight_int = (int(tight[0]), int(tight[1]), int(tight[2]), int(tight[3]))
+        rows.append(
+            {
+                "data_source": DATA_SOURCE,
+                "prompt": build_messages(text, tools),
+                "images": [{"image": str(path)}],
+                "ability": "visual_search",
+                "reward_model": {
+                    "style": "rule",
+                    "ground_truth": OPTION_LETTERS[question.options.index(question.answer)],
+                },
+                "extra_info": {
+                    "index": index,
+                    "split": split,
+                    "question": text,
+                    "options": question.options,
+                    "gt_boxes": [list(box) for box in box_hierarchy(tight_int, width, height)],
+                    "original_image": str(path),
+                    "original_size": [width, height],
+                    "category": STRIPES_CATEGORY,
+                    "quadrant": quadrant,
                 },
             }
         )
@@ -340,6 +441,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Command line: see the module docstring."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path, help="output folder (images/ and <split>.parquet)")
+    parser.add_argument("--task", choices=("search", "stripes"), default="search", help="which synthetic task")
     parser.add_argument("--n", type=int, required=True, help="number of items")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same bytes")
     parser.add_argument("--min-size", type=int, default=1024, help=f"smallest canvas side, px (>= {MIN_CANVAS})")
@@ -350,6 +452,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    tool_names = tuple(t for t in args.tools.split(",") if t)
+    if args.task == "stripes":
+        rows = generate_stripes(args.out, args.n, args.seed, split=args.split, tool_names=tool_names)
+        print(f"wrote {len(rows)} stripes items to {Path(args.out).resolve() / (args.split + '.parquet')}")
+        return
     rows = generate(
         args.out,
         args.n,
@@ -357,7 +464,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         min_size=args.min_size,
         max_size=args.max_size,
         split=args.split,
-        tool_names=tuple(t for t in args.tools.split(",") if t),
+        tool_names=tool_names,
     )
     counts = Counter(row["extra_info"]["category"] for row in rows)
     summary = ", ".join(f"{name}={counts[name]}" for name in CATEGORIES)

@@ -111,7 +111,15 @@ _BPE_SENTENCES = (
     "You are a careful visual assistant. You can look closer at the image with tools. Error: "
     "red green blue yellow orange purple white black grey pink brown cyan magenta "
     "I need to zoom in on the region to see the detail. The answer is 0 1 2 3 4 5 6 7 8 9 . , : ; ! "
+    "Are the stripes on the small red square horizontal or vertical? The stripes are horizontal. The stripes "
+    "are vertical. The stripes are too fine to see here. The square is not here. Let me zoom in on the top "
+    "left. Let me zoom in on the top right. Let me zoom in on the bottom left. Let me zoom in on the bottom "
+    'right. {"bbox_2d": [0, 0, 112, 112]} {"bbox_2d": [112, 0, 224, 112]} {"bbox_2d": [0, 112, 112, 224]} '
+    '{"bbox_2d": [112, 112, 224, 224]} '
 )
+
+WARMUP_ITEMS = 48
+"""``stripes`` items (split ``warmup``, never trained or validated on) the format warm-up draws from."""
 
 TINY_TEXT = {
     "hidden_size": 128,
@@ -265,8 +273,9 @@ def build(
 ) -> Path:
     """Build the tiny model, tokenizer and processor and save them to ``out``; returns the path.
 
-    ``warmup_steps`` > 0 runs :func:`visionleaf.models.warmup.format_warmup` on synthetic transcripts
-    first, so the model writes protocol-shaped turns (tool calls included) instead of noise.
+    ``warmup_steps`` > 0 runs :func:`visionleaf.models.warmup.format_warmup` on transcripts of
+    :data:`WARMUP_ITEMS` ``stripes`` items first, so the model writes protocol-shaped turns (quadrant zooms
+    included) and reads stripes off a crop some of the time, instead of writing noise.
     """
     out_dir = Path(out)
     tokenizer = build_tokenizer(vocab)
@@ -275,11 +284,12 @@ def build(
     losses: list[float] = []
     if warmup_steps > 0:
         from visionleaf.data.schema import Item
-        from visionleaf.data.synthetic import generate
+        from visionleaf.data.synthetic import generate_stripes
         from visionleaf.models.warmup import format_warmup
 
         with tempfile.TemporaryDirectory() as tmp:
-            items = [Item.from_row(row) for row in generate(tmp, 32, seed=seed, split="warmup")]
+            rows = generate_stripes(tmp, WARMUP_ITEMS, seed=seed, split="warmup")
+            items = [Item.from_row(row) for row in rows]
             losses = format_warmup(model, processor, items, steps=warmup_steps, seed=seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
@@ -288,6 +298,7 @@ def build(
         "vocab": vocab,
         "seed": seed,
         "warmup_steps": warmup_steps,
+        "warmup_task": "stripes" if warmup_steps > 0 else None,
         "warmup_final_loss": losses[-1] if losses else None,
     }
     (out_dir / "visionleaf_tiny.json").write_text(json.dumps(info) + "\n")

@@ -2,29 +2,113 @@
 
 A random model never writes a well-formed ``<tool_call>``, so tree splits, tools and rewards would never
 be exercised on CPU. A few hundred steps on synthetic transcripts (think -> zoom into the quadrant of the
-target -> answer, or think -> answer) teach the format in under a minute on 2 cores (400 steps: ~50 s).
-Answers are right only half of the time, so RL still has something to learn. The loss covers model
+target -> answer, or think -> answer) teach the format in about a minute on 2 cores. The loss covers model
 tokens only (``response_mask``).
+
+On the ``stripes`` task (:func:`visionleaf.data.synthetic.generate_stripes`) a transcript zooms into one of
+the four quadrant boxes (the square's own with probability ``localise``, another otherwise), then, when the
+crop holds the square, answers its stripe orientation; after a crop without the square, or without a zoom,
+it guesses. Reading is supervised, localisation only partly, so RL would have the quadrant choice to improve.
+Measured at 600 steps, lr 1e-3 (3e-3 stalls the answer loss): the protocol is partly learned (0.27 successful
+calls per leaf at T = 1). Reading is not: teacher-forced, the model answers "vertical" for every crop, own or
+GT, even when trained on crops alone; the stripes keep only 4-11 grey levels of contrast at ~1.4 px in a 224 px
+quadrant crop, while the same model reads whole-image, high-contrast stripes after 600 steps. On the other
+synthetic tasks answers are right half of the time and zooms go to the target's quadrant 70% of the time.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from visionleaf.data.images import load_image
 from visionleaf.data.schema import OPTION_LETTERS, Item
-from visionleaf.protocol import IM_END, image_pixel_budget, render_prompt, tokenize_trajectory
-from visionleaf.tools import ToolCall, ToolContext, run_tool
-from visionleaf.tools.crop import model_size
+from visionleaf.data.synthetic import STRIPES_CATEGORY, quadrant_box
+from visionleaf.protocol import IM_END, TokenizedTrajectory, image_pixel_budget, render_prompt, tokenize_trajectory
+from visionleaf.tools import Observation, ToolCall, ToolContext, run_tool
+from visionleaf.tools.crop import model_size, resize_to_budget
+
+STRIPES_TOOL_RATE = 0.8
+"""Share of ``stripes`` transcripts that zoom before answering."""
+STRIPES_LOCALISE = 0.5
+"""Share of ``stripes`` zooms into the square's own quadrant (the rest: one of the other three)."""
+QUADRANT_NAMES = ("top left", "top right", "bottom left", "bottom right")
 
 
-def transcript(item: Item, rng: random.Random, processor: Any, tool_rate: float = 0.7) -> Any:
-    """A tokenised trajectory for ``item``: a zoom on the (jittered) target then an answer, or a direct answer."""
+@dataclass(frozen=True)
+class _StripesViews:
+    """What a ``stripes`` transcript shows: the global view at the processor's size and each quadrant's zoom."""
+
+    view: Image.Image
+    size: tuple[int, int]
+    zooms: tuple[Observation, ...]
+    """The zoom tool's observation of quadrant 0-3 (see :func:`quadrant_box`)."""
+
+
+@functools.lru_cache(maxsize=128)
+def _stripes_views(path: str, min_pixels: int, max_pixels: int) -> _StripesViews:
+    """Cut once per image: loading a 2k canvas and cropping it costs more than a warm-up step."""
+    original = load_image(path)
+    size = model_size(original.size, min_pixels, max_pixels)
+    context = ToolContext(original, size, min_pixels, max_pixels)
+    zooms = tuple(
+        run_tool(ToolCall("image_zoom_in_tool", {"bbox_2d": list(quadrant_box(q, size))}), context) for q in range(4)
+    )
+    return _StripesViews(resize_to_budget(original, min_pixels, max_pixels), size, zooms)
+
+
+def _stripes_transcript(
+    item: Item, rng: random.Random, processor: Any, tool_rate: float, localise: float
+) -> TokenizedTrajectory:
+    """A ``stripes`` trajectory: zoom into a quadrant, then read the stripes (square in the crop) or guess.
+    The global view is passed already resized to the processor's size (the processor leaves it as it is)."""
+    views = _stripes_views(item.original_image, *image_pixel_budget(processor.image_processor))
+    prompt = render_prompt(processor, item.messages)
+    truth = item.options[OPTION_LETTERS.index(item.ground_truth)]
+    guess = rng.choice(item.options)
+    if rng.random() >= tool_rate:
+        answer = f"<think>The stripes are too fine to see here.</think><answer>{guess}</answer>{IM_END}"
+        return tokenize_trajectory(processor, prompt, [views.view], [(answer, None, "")])
+    x1, y1, x2, y2 = item.gt_boxes[0]
+    width, height = item.original_size
+    own = int((x1 + x2) / 2 >= width / 2) + 2 * int((y1 + y2) / 2 >= height / 2)
+    quadrant = own if rng.random() < localise else rng.choice([q for q in range(4) if q != own])
+    call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": list(quadrant_box(quadrant, views.size))}}
+    zoom = (
+        f"<think>Let me zoom in on the {QUADRANT_NAMES[quadrant]}.</think>"
+        f"<tool_call>{json.dumps(call)}</tool_call>{IM_END}"
+    )
+    observation = views.zooms[quadrant]
+    if quadrant == own:
+        answer = f"<think>The stripes are {truth}.</think><answer>{truth}</answer>{IM_END}"
+    else:
+        answer = f"<think>The square is not here.</think><answer>{guess}</answer>{IM_END}"
+    return tokenize_trajectory(
+        processor, prompt, [views.view], [(zoom, list(observation.images), observation.text), (answer, None, "")]
+    )
+
+
+def transcript(
+    item: Item,
+    rng: random.Random,
+    processor: Any,
+    tool_rate: float | None = None,
+    localise: float = STRIPES_LOCALISE,
+) -> TokenizedTrajectory:
+    """A tokenised trajectory for ``item``: a zoom then an answer, or a direct answer. ``tool_rate``
+    defaults to :data:`STRIPES_TOOL_RATE` on ``stripes`` items and 0.7 on the others; ``localise`` applies
+    to ``stripes`` items (see the module docstring)."""
+    if item.category == STRIPES_CATEGORY:
+        rate = STRIPES_TOOL_RATE if tool_rate is None else tool_rate
+        return _stripes_transcript(item, rng, processor, rate, localise)
+    tool_rate = 0.7 if tool_rate is None else tool_rate
     image = load_image(item.image)
     original = load_image(item.original_image)
     min_pixels, max_pixels = image_pixel_budget(processor.image_processor)
@@ -52,7 +136,13 @@ def transcript(item: Item, rng: random.Random, processor: Any, tool_rate: float 
 
 
 def format_warmup(
-    model: Any, processor: Any, items: Sequence[Item], steps: int = 200, lr: float = 3e-3, seed: int = 0
+    model: Any,
+    processor: Any,
+    items: Sequence[Item],
+    steps: int = 200,
+    lr: float = 1e-3,
+    seed: int = 0,
+    localise: float = STRIPES_LOCALISE,
 ) -> list[float]:
     """Train ``model`` in place on ``steps`` transcripts (batch 1); returns the loss per step."""
     rng = random.Random(seed)
@@ -63,7 +153,7 @@ def format_warmup(
     model.train()
     losses = []
     for _ in range(steps):
-        traj = transcript(rng.choice(items), rng, processor)
+        traj = transcript(rng.choice(items), rng, processor, localise=localise)
         ids = torch.tensor([traj.prompt_ids + traj.response_ids])  # [1, L]
         labels = torch.tensor(
             [
