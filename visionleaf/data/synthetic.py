@@ -267,6 +267,39 @@ def _make_item(
     return canvas, question, _paste(canvas, placed)
 
 
+def _row(
+    index: int,
+    split: str,
+    path: Path,
+    question: _Question,
+    tight: Box,
+    size: tuple[int, int],
+    category: str,
+    tools: Sequence[Any],
+    **extra: Any,
+) -> dict[str, Any]:
+    """One row of a synthetic set: the image at ``path`` is both the global view and the original."""
+    text = multiple_choice_text(question.stem, question.options)
+    return {
+        "data_source": DATA_SOURCE,
+        "prompt": build_messages(text, tools),
+        "images": [{"image": str(path)}],
+        "ability": "visual_search",
+        "reward_model": {"style": "rule", "ground_truth": OPTION_LETTERS[question.options.index(question.answer)]},
+        "extra_info": {
+            "index": index,
+            "split": split,
+            "question": text,
+            "options": question.options,
+            "gt_boxes": [list(box) for box in box_hierarchy(tight, *size)],
+            "original_image": str(path),
+            "original_size": list(size),
+            "category": category,
+            **extra,
+        },
+    }
+
+
 def generate(
     out_dir: str | Path,
     n: int,
@@ -301,29 +334,7 @@ def generate(
         canvas, question, tight = _make_item(rng, width, height, category)
         path = out / "images" / f"{split}_{index:06d}.png"
         canvas.save(path, format="PNG", compress_level=1)  # noise barely compresses; favour speed
-        text = multiple_choice_text(question.stem, question.options)
-        rows.append(
-            {
-                "data_source": DATA_SOURCE,
-                "prompt": build_messages(text, tools),
-                "images": [{"image": str(path)}],
-                "ability": "visual_search",
-                "reward_model": {
-                    "style": "rule",
-                    "ground_truth": OPTION_LETTERS[question.options.index(question.answer)],
-                },
-                "extra_info": {
-                    "index": index,
-                    "split": split,
-                    "question": text,
-                    "options": question.options,
-                    "gt_boxes": [list(box) for box in box_hierarchy(tight, width, height)],
-                    "original_image": str(path),
-                    "original_size": [width, height],
-                    "category": category,
-                },
-            }
-        )
+        rows.append(_row(index, split, path, question, tight, (width, height), category, tools))
     write_parquet(rows, out / f"{split}.parquet")
     return rows
 
@@ -408,30 +419,9 @@ def generate_stripes(
         canvas, question, tight, quadrant = _stripes_item(rng, width, height)
         path = out / "images" / f"{split}_{index:06d}.png"
         canvas.save(path, format="PNG", compress_level=1)
-        text = multiple_choice_text(question.stem, question.options)
         tight_int = (int(tight[0]), int(tight[1]), int(tight[2]), int(tight[3]))
         rows.append(
-            {
-                "data_source": DATA_SOURCE,
-                "prompt": build_messages(text, tools),
-                "images": [{"image": str(path)}],
-                "ability": "visual_search",
-                "reward_model": {
-                    "style": "rule",
-                    "ground_truth": OPTION_LETTERS[question.options.index(question.answer)],
-                },
-                "extra_info": {
-                    "index": index,
-                    "split": split,
-                    "question": text,
-                    "options": question.options,
-                    "gt_boxes": [list(box) for box in box_hierarchy(tight_int, width, height)],
-                    "original_image": str(path),
-                    "original_size": [width, height],
-                    "category": STRIPES_CATEGORY,
-                    "quadrant": quadrant,
-                },
-            }
+            _row(index, split, path, question, tight_int, (width, height), STRIPES_CATEGORY, tools, quadrant=quadrant)
         )
     write_parquet(rows, out / f"{split}.parquet")
     return rows
