@@ -13,6 +13,8 @@
 # rewinds that request's sampling generator (gen.get_offset() in _bookkeeping_sync), which CPU generators
 # lack: "RuntimeError: CPU Generator does not use offset" kills the worker as soon as many seeded requests
 # (a batch of trees) are in flight together (tests/engines/test_server_vllm.py, concurrent test).
+# --max-logprobs 21: tree.schedule=folded asks each generate for tree.top_logprobs + 1 (default 20 + 1) top
+# logprobs (vLLM lists the sampled token first, then cuts the list at the requested count).
 # Env knobs: VLLM_CPU_KVCACHE_SPACE (GiB of KV cache, default 1), VLLM_CPU_OMP_THREADS_BIND,
 # VISIONLEAF_VLLM_MAX_MODEL_LEN (default 8192).
 set -euo pipefail
@@ -44,7 +46,7 @@ exec "$py" -m vllm.entrypoints.openai.api_server \
   --no-enable-chunked-prefill \
   --enforce-eager \
   --enable-prompt-tokens-details \
-  --max-logprobs 20 \
+  --max-logprobs 21 \
   --enable-scale-out \
   --logprobs-mode processed_logprobs \
   "$@"

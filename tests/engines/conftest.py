@@ -49,6 +49,8 @@ class EngineCase:
     """Bound on |engine logprob - teacher-forced logprob|."""
     close: Callable[[Engine], Awaitable[None]] | None = None
     """Releases an engine's resources (e.g. ``ServerEngine.aclose``)."""
+    folds_probe: bool = True
+    """Whether ``generate`` answers ``first_top_logprobs`` (``tree.schedule=folded``); else it must refuse."""
 
 
 CASES: dict[str, list[Any]] = {"hf": [], "vllm": [pytest.mark.vllm, pytest.mark.slow]}

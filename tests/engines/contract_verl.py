@@ -284,6 +284,7 @@ def engine_case_verl_hf(contract_model_dir, contract_model):
         cached="exact",
         fail=None,
         no_fail_reason="the hf replica never aborts or hangs; verl_standin covers aborts and timeouts",
+        folds_probe=False,
     )
 
 
@@ -307,6 +308,7 @@ def standin_case(model: Any, processor: Any, backend: Backend) -> Any:
         model=model,
         cached="exact" if backend == "vllm" else "unknown",
         fail=failing,
+        folds_probe=False,
     )
 
 

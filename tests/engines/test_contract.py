@@ -10,7 +10,9 @@ What each check proves:
   none is ever sampled; at temperature 1.5 the ban, not luck, keeps them out.
 - cached tokens: a prefix seen before is reported cached (whole, or in whole blocks for vLLM), siblings
   are served by one prefill, and engines that cannot tell report None.
-- probes: top-k logprobs equal the teacher-forced next-token distribution.
+- probes: top-k logprobs equal the teacher-forced next-token distribution; a generate asked for
+  ``first_top_logprobs`` returns the probe's answer for its prefix in every row (engines of the verl path
+  refuse, naming the setting).
 - aborts and timeouts raise ``EngineError`` (skipped, with the reason, where an engine has neither).
 - per-tree metrics: trees grown concurrently on one engine count only their own requests.
 """
@@ -184,6 +186,29 @@ def test_probes_are_the_teacher_forced_next_token_distribution(engine_case):
     probe = run(case, body)
     expected = masked_logprobs(case, teacher_forced(case, prefix, ())[:1])[0].topk(5).values.tolist()
     assert list(probe.top_logprobs) == pytest.approx(expected, abs=case.logprob_tol)
+
+
+def test_generate_returns_the_probe_of_its_prefix(engine_case):
+    case = engine_case
+    prefix = image_prefix(case, 7)
+    sampling = SamplingParams(max_new_tokens=3, stop=(), first_top_logprobs=1)
+    if not case.folds_probe:
+        with pytest.raises(ValueError, match=r"tree\.schedule=lockstep"):
+            run(case, lambda engine: engine.generate([prefix], sampling, [1]))
+        return
+
+    async def body(engine):
+        # many siblings at temperature 1: some sample a first token that is not the most likely one
+        continuations = await engine.generate([prefix] * 16, sampling, list(range(16)))
+        return continuations, (await engine.probe([prefix], 1))[0]
+
+    continuations, probe = run(case, body)
+    assert len(probe.top_logprobs) == 1
+    for cont in continuations:
+        assert list(cont.first_top_logprobs) == pytest.approx(probe.top_logprobs, abs=case.logprob_tol)
+    assert any(c.logprobs[0] < probe.top_logprobs[0] - 1e-3 for c in continuations), (
+        "the check needs a row whose first token is not the top one"
+    )
 
 
 @pytest.mark.parametrize("kind", ["abort", "timeout"])

@@ -2,6 +2,7 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -184,6 +185,28 @@ def test_probes_and_generates_of_concurrent_callers_are_answered_in_order(model_
     alone = HFEngine(model, processor)
     [expected] = asyncio.run(alone.generate([long], SamplingParams(max_new_tokens=6, stop=()), [3]))
     assert gen_long[0].token_ids == expected.token_ids
+
+
+def test_first_top_logprobs_are_the_probe_at_any_sampling_and_change_nothing(model_and_processor):
+    # A generate asked for first_top_logprobs reads its prefill's logits: the probe's distribution (before
+    # temperature, top-k, top-p); rows that ask and rows that do not decode in one batch, sampling alike.
+    model, processor = model_and_processor
+    engine = HFEngine(model, processor)
+    a = Prefix(tuple(processor.tokenizer.encode("<think>look", add_special_tokens=False)), (), (), "a")
+    b = Prefix(tuple(processor.tokenizer.encode("<think>zoom in", add_special_tokens=False)), (), (), "b")
+    hot = SamplingParams(max_new_tokens=5, temperature=1.7, top_p=0.9, top_k=40, stop=(), first_top_logprobs=4)
+
+    async def run():
+        return await asyncio.gather(
+            engine.generate([a, a, b], hot, [1, 2, 3]), engine.generate([b], replace(hot, first_top_logprobs=0), [3])
+        )
+
+    asked, plain = asyncio.run(run())
+    assert engine.batches == [4]
+    probes = asyncio.run(HFEngine(model, processor).probe([a, b], 4))
+    assert [c.first_top_logprobs for c in asked] == [probes[0].top_logprobs] * 2 + [probes[1].top_logprobs]
+    assert plain[0].first_top_logprobs == ()
+    assert plain[0].token_ids == asked[2].token_ids and plain[0].logprobs == asked[2].logprobs
 
 
 def test_vision_tokens_are_never_sampled(model_and_processor):

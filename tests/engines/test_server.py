@@ -157,6 +157,43 @@ def test_probe_asks_one_greedy_token_with_top_logprobs(tokenizer):
     assert [p.top_logprobs for p in top] == [(-0.05, -3.0)] and top[0].cached_tokens == 0
 
 
+def test_first_top_logprobs_ride_on_the_generate_request(tokenizer):
+    prefix = make_prefix(tokenizer)
+    answer = ids_of(tokenizer, "<answer>A</answer>")
+    bodies = []
+
+    def vllm(request):
+        bodies.append(json.loads(request.content))
+        reply = vllm_response(prefix, bodies[-1]["sampling_params"]["n"], tokens=answer)
+        # vLLM lists the sampled token first (here outside the top 2), then the top ones, cut at `logprobs`
+        reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"] = [  # the last choice (out of order)
+            {"logprob": -6.0, "rank": 9},
+            {"logprob": -0.2, "rank": 1},
+            {"logprob": -1.5, "rank": 2},
+        ]
+        return httpx.Response(200, json=reply)
+
+    sampling = SamplingParams(max_new_tokens=8, first_top_logprobs=2)
+    out = asyncio.run(engine_with(tokenizer, vllm).generate([prefix] * 2, sampling, [0, 1]))
+    assert bodies[0]["sampling_params"]["logprobs"] == 3  # one more than asked: the top 2 stay whole
+    assert [c.first_top_logprobs for c in out] == [(-0.05, -3.0), (-0.2, -1.5)]
+    plain = asyncio.run(engine_with(tokenizer, vllm).generate([prefix], SamplingParams(), [0]))
+    assert bodies[-1]["sampling_params"]["logprobs"] == 0 and plain[0].first_top_logprobs == ()
+
+    def sglang(request):
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json=[sglang_item(answer, {"type": "stop", "matched": "</answer>"}, 0)])
+
+    [cont] = asyncio.run(engine_with(tokenizer, sglang, backend="sglang").generate([prefix], sampling, [0]))
+    assert bodies[-1]["top_logprobs_num"] == 2 and cont.first_top_logprobs == (-0.01, -4.0)
+    # servers report top logprobs of the distribution they sample from: the probe's only at temperature 1
+    for hot in ({"temperature": 0.7}, {"top_p": 0.9}, {"top_k": 20}):
+        with pytest.raises(ValueError, match=r"tree\.schedule=lockstep"):
+            asyncio.run(
+                engine_with(tokenizer, vllm).generate([prefix], SamplingParams(**hot, first_top_logprobs=2), [0])
+            )
+
+
 def test_routing_key_pins_a_prompt_to_one_server(tokenizer):
     hosts = []
 

@@ -40,7 +40,8 @@ class ScriptedEngine:
             ids = self.tokenizer.encode(text, add_special_tokens=False)[: sampling.max_new_tokens]
             stop = any(text.endswith(s) for s in sampling.stop)
             reason = "stop" if stop else ("eos" if text.endswith("<|im_end|>") else "length")
-            out.append(Continuation(tuple(ids), tuple(-0.5 for _ in ids), reason, self.cached(prefix)))
+            top = (-self.entropy(self.text(prefix)),) if sampling.first_top_logprobs else ()  # the probe's answer
+            out.append(Continuation(tuple(ids), tuple(-0.5 for _ in ids), reason, self.cached(prefix), top))
             self.stats.requests += 1
             self.stats.prompt_tokens += len(prefix.token_ids)
             self.stats.computed_tokens += len(prefix.token_ids) + len(ids)

@@ -3,6 +3,7 @@ import itertools
 import math
 import random
 import zlib
+from dataclasses import replace
 
 import pytest
 from PIL import Image
@@ -37,14 +38,15 @@ def run(processor, script, entropy=None, **config):
     return leaves, record, engine
 
 
+@pytest.mark.parametrize("schedule", ["lockstep", "folded"])
 @pytest.mark.parametrize("splits_per_round", [1, 0, 2])
 @pytest.mark.parametrize("script", sorted(SCRIPTS))
 @pytest.mark.parametrize(
     ("budget", "branch", "width"),
     [(1, 2, None), (2, 2, None), (5, 3, None), (16, 4, None), (16, 2, 8), (7, 4, 1)],
 )
-def test_exactly_budget_leaves(bpe_processor, script, budget, branch, width, splits_per_round):
-    leaves, record, _ = run(
+def test_exactly_budget_leaves(bpe_processor, script, budget, branch, width, splits_per_round, schedule):
+    leaves, record, engine = run(
         bpe_processor,
         SCRIPTS[script],
         budget=budget,
@@ -52,7 +54,10 @@ def test_exactly_budget_leaves(bpe_processor, script, budget, branch, width, spl
         root_width=width,
         max_turns=3,
         splits_per_round=splits_per_round,
+        schedule=schedule,
     )
+    if schedule == "folded":
+        assert engine.probe_calls == [] and record.metrics["probe_calls"] == 0
     assert len(leaves) == budget
     assert record.metrics["leaves"] == budget
     assert all(leaf.num_turns <= 3 for leaf in leaves)
@@ -142,9 +147,10 @@ def _entropy_by_text(text):
     return (zlib.crc32(text.encode()) % 1000) / 100.0
 
 
+@pytest.mark.parametrize("schedule", ["lockstep", "folded"])
 @pytest.mark.parametrize("splits_per_round", [1, 0])
 @pytest.mark.parametrize(("selection", "pick"), [("high", max), ("low", min)])
-def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection, pick, splits_per_round):
+def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection, pick, splits_per_round, schedule):
     script = lambda text, seed: (ZOOM, ZOOM, ANSWER)[seed % 3]  # noqa: E731
     _, record, _ = run(
         bpe_processor,
@@ -155,6 +161,7 @@ def test_selection_picks_the_extreme_entropy_candidate(bpe_processor, selection,
         selection=selection,
         max_turns=4,
         splits_per_round=splits_per_round,
+        schedule=schedule,
     )
     nodes = {n.id: n for n in record.nodes}
     compared = [s for s in record.splits if len(s.candidates) > 1]
@@ -180,6 +187,79 @@ def test_several_splits_per_round_need_no_more_rounds_than_chains(bpe_processor)
     assert [(s.new_branches, s.reopened) for s in wide.splits] == [(3, False)] + [(3, False)] * 4
     assert len(wide_engine.probe_calls) == wide.metrics["probe_calls"] == 1  # 4 candidates, one probe
     assert wide.metrics["unique_tokens"] < chain.metrics["unique_tokens"]
+
+
+LEFT = ZOOM.replace("<think>zoom", "<think>left")
+RIGHT = ZOOM.replace("<think>zoom", "<think>right")
+
+
+def _side_entropy(text):
+    """Entropy 5 below a turn that looked left, 1 below one that looked right, 3 elsewhere."""
+    return 5.0 if "<think>left" in text else 1.0 if "<think>right" in text else 3.0
+
+
+def _left_then_right(later):
+    """First turns alternate LEFT, RIGHT in call order; later turns are ``later(text)``."""
+    calls = itertools.count()
+    return lambda text, seed: (
+        (LEFT, RIGHT)[next(calls) % 2] if text.count("<|im_start|>assistant") == 1 else later(text)
+    )
+
+
+@pytest.mark.parametrize(("selection", "side"), [("high", "left"), ("low", "right")])
+def test_folded_takes_lockstep_s_split_after_the_round(bpe_processor, selection, side):
+    # The root's branches look left and right: the first split that compares candidates. The right branch
+    # then zooms once more; everything else answers.
+    def later(text):
+        return ZOOM if text.count("<|im_start|>assistant") == 2 and "<think>right" in text else ANSWER
+
+    kwargs = {"budget": 4, "branch_factor": 2, "max_turns": 3, "selection": selection}
+    leaves, fold, fold_engine = run(bpe_processor, _left_then_right(later), _side_entropy, schedule="folded", **kwargs)
+    _, lock, lock_engine = run(bpe_processor, _left_then_right(later), _side_entropy, **kwargs)
+    assert len(leaves) == 4 and fold_engine.probe_calls == [] and len(lock_engine.probe_calls) >= 1
+    fold_split, lock_split = (next(s for s in r.splits if len(s.candidates) > 1) for r in (fold, lock))
+    assert fold_split == lock_split  # same node, same candidates, same number of new branches
+    assert [fold.nodes[c].entropy for c in fold_split.candidates] == [5.0, 1.0]
+    assert [lock.nodes[c].entropy for c in lock_split.candidates] == [5.0, 1.0]
+    assert fold.nodes[fold_split.node].entropy == {"left": 5.0, "right": 1.0}[side]
+    # Lockstep clones the chosen node within the round that scores it; folded samples the clone from the
+    # chosen node's prefix in the next round, batched with the other branches' turns.
+    chosen = lock_engine.generate_calls[1][-1]
+    assert fold_engine.generate_calls[1] == lock_engine.generate_calls[1][:-1]
+    assert chosen in fold_engine.generate_calls[2] and len(fold_engine.generate_calls[2]) == 3
+    assert fold.metrics["rounds"] <= lock.metrics["rounds"] + lock.metrics["probe_calls"]
+
+
+def test_folded_scores_every_advanced_node_with_the_probe_entropy(bpe_processor):
+    kwargs = {"budget": 16, "branch_factor": 2, "max_turns": 4, "schedule": "folded", "top_logprobs": 5}
+    script = lambda text, seed: (ZOOM, ZOOM, ANSWER)[seed % 3]  # noqa: E731
+    leaves, record, engine = run(bpe_processor, script, _entropy_by_text, **kwargs)
+    assert engine.probe_calls == [] and len(engine.generate_calls) == record.metrics["rounds"]
+    assert {s.first_top_logprobs for s in engine.sampling_calls} == {5}
+    texts = {}  # node id -> the text of its prefix, from the leaves' tokens
+    nodes = {n.id: n for n in record.nodes}
+    for leaf in leaves:
+        for node_id in leaf.node_path:
+            end = nodes[node_id].span[1] if node_id else 0
+            texts[node_id] = bpe_processor.tokenizer.decode(leaf.prompt_ids + leaf.response_ids[:end])
+    advanced = {n.parent for n in record.nodes if n.parent is not None}
+    assert all(nodes[i].entropy == pytest.approx(_entropy_by_text(texts[i])) for i in advanced)
+    assert all(nodes[i].entropy is None for i in nodes if i not in advanced)  # leaves were never advanced
+    assert any(len(s.candidates) > 1 for s in record.splits) and any(s.reopened for s in record.splits)
+
+
+def test_folded_needs_an_engine_that_returns_first_token_logprobs(bpe_processor):
+    class Unfolded(ScriptedEngine):
+        async def generate(self, prefixes, sampling, seeds):
+            return [replace(c, first_top_logprobs=()) for c in await super().generate(prefixes, sampling, seeds)]
+
+    engine = Unfolded(bpe_processor.tokenizer, SCRIPTS["mixed"])
+    sampler = TreeSampler(engine, bpe_processor, TreeConfig(budget=4, branch_factor=2, schedule="folded"))
+    with pytest.raises(EngineError, match=r"set tree\.schedule=lockstep"):
+        asyncio.run(sampler.sample(build_messages("q", []), Image.new("RGB", (64, 64))))
+    # chains never compare candidates: they ask for no entropies
+    _, _, chains = run(bpe_processor, SCRIPTS["mixed"], budget=4, mode="chain", schedule="folded")
+    assert {s.first_top_logprobs for s in chains.sampling_calls} == {0}
 
 
 def test_random_selection_is_seed_reproducible(bpe_processor):
@@ -316,6 +396,7 @@ def test_engine_failure_fails_the_group(bpe_processor):
         ),
         ({"entropy": "gini"}, "unknown entropy estimator"),
         ({"splits_per_round": -1}, "tree.splits_per_round must be >= 0"),
+        ({"schedule": "async"}, "tree.schedule must be 'lockstep' or 'folded'"),
     ],
 )
 def test_config_errors_say_what_to_set(kwargs, words):

@@ -51,6 +51,10 @@ class SamplingParams:
     """Keep only the k most likely tokens (0 = off)."""
     stop: tuple[str, ...] = ("</tool_call>", "</answer>")
     """Stop strings; the output includes the stop string. The eos tokens always stop."""
+    first_top_logprobs: int = 0
+    """Also return the top-k log-probabilities of the first token's distribution, the one
+    :meth:`Engine.probe` reads (0 = none): a generate that advances a node then scores it too
+    (``tree.schedule=folded``). Not a sampling setting: rows that differ only in it decode together."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -61,6 +65,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
+        if self.first_top_logprobs < 0:
+            raise ValueError(f"first_top_logprobs must be >= 0 (0 = none), got {self.first_top_logprobs}")
 
 
 @dataclass(frozen=True)
@@ -76,6 +82,9 @@ class Continuation:
     cached_tokens: int | None = 0
     """Prefix tokens the engine served from its cache for this request (siblings: the whole prefix);
     ``None`` when the engine cannot tell (the tree's reuse metrics are then left out, not guessed)."""
+    first_top_logprobs: tuple[float, ...] = ()
+    """Top-``sampling.first_top_logprobs`` log-probabilities (descending) of the first token after the
+    prefix: what ``probe(prefix, k)`` returns; empty when not asked for."""
 
 
 @dataclass(frozen=True)
@@ -123,7 +132,8 @@ class Engine(Protocol):
     stats: EngineStats
 
     async def generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
-        """Sample one turn for each prefix (identical prefixes are siblings: share their prefill)."""
+        """Sample one turn for each prefix (identical prefixes are siblings: share their prefill); with
+        ``sampling.first_top_logprobs = k``, each continuation also carries ``probe(prefix, k)``'s answer."""
         ...
 
     async def probe(self, prefixes: list[Prefix], top_k: int) -> list[Probe]:

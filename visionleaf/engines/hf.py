@@ -15,7 +15,8 @@ What it guarantees, like sglang's radix cache or vLLM's prefix cache:
   untempered one). Sampling is inverse-CDF with one seeded generator per sequence, so a sequence's tokens
   do not depend on which other sequences share its batch.
 - **Entropy probe for free**: ``probe`` prefills the prefix (kept in the cache for the clones that follow)
-  and reads the next-token distribution from the prefill logits; no extra forward.
+  and reads the next-token distribution from the prefill logits; no extra forward. A ``generate`` with
+  ``first_top_logprobs`` reads the same logits of its prefill.
 - **One scheduler for every caller.** Concurrent ``generate`` and ``probe`` calls (many trees, many
   questions, many verl requests) queue; each batch takes everything queued, prefills each distinct prefix
   once and decodes all rows with the same sampling settings together (each row keeps its own
@@ -276,8 +277,8 @@ class HFEngine:
                 loop.call_soon_threadsafe(_resolve, calls[i].future, results[i])
         groups: dict[SamplingParams, list[int]] = {}
         for i, call in enumerate(calls):
-            if call.sampling is not None:  # rows differ in max_new_tokens only: same key
-                groups.setdefault(replace(call.sampling, max_new_tokens=1), []).append(i)
+            if call.sampling is not None:  # rows that differ in max_new_tokens / first_top_logprobs only: same key
+                groups.setdefault(replace(call.sampling, max_new_tokens=1, first_top_logprobs=0), []).append(i)
         for members in groups.values():
             prefixes = [p for i in members for p in calls[i].prefixes]
             samplings = [calls[i].sampling for i in members for _ in calls[i].prefixes]
@@ -293,9 +294,16 @@ class HFEngine:
         out = []
         for prefix in prefixes:
             entry, cached = self._prefill(prefix)
-            logprobs = torch.log_softmax(self._mask(entry.last_logits[None]), dim=-1)[0]
-            out.append((logprobs.topk(min(top_k, logprobs.numel())).values.tolist(), cached))
+            out.append((self._top_logprobs(entry, top_k), cached))
         return out
+
+    def _top_logprobs(self, entry: CacheEntry, top_k: int) -> list[float]:
+        """Top-``top_k`` log-probabilities (descending) of the token after ``entry``: its masked prefill
+        logits, before temperature, top-k and top-p (the probe's distribution)."""
+        if top_k < 1:
+            return []
+        logprobs = torch.log_softmax(self._mask(entry.last_logits[None]), dim=-1)[0]  # [V]
+        return logprobs.topk(min(top_k, logprobs.numel())).values.tolist()
 
     def _generate(
         self, prefixes: list[Prefix], samplings: list[SamplingParams], seeds: list[int]
@@ -316,7 +324,10 @@ class HFEngine:
         for start in range(0, len(rows), self.max_batch_size):
             batch = slice(start, start + self.max_batch_size)
             out += self._decode(rows[batch], seeds[batch], samplings[batch])
-        return [replace(c, cached_tokens=n) for c, n in zip(out, cached, strict=True)]
+        for i, (entry, sampling) in enumerate(zip(rows, samplings, strict=True)):
+            k = sampling.first_top_logprobs
+            out[i] = replace(out[i], cached_tokens=cached[i], first_top_logprobs=tuple(self._top_logprobs(entry, k)))
+        return out
 
     def _count_prompt(self, prefix: Prefix, cached: int) -> None:
         self.stats.requests += 1

@@ -19,6 +19,15 @@ returned tokens, the rule every engine uses. Cached prefix tokens are the server
 (``None``, unknown, when the reply has none).
 Logprobs are what the server reports: start vLLM with ``--logprobs-mode processed_logprobs`` (the serve
 script does) so they are of the distribution sampled from, as in the HF engine.
+
+``SamplingParams.first_top_logprobs = k`` (``tree.schedule=folded``) asks the generate request itself for
+the top logprobs of the first token instead of a separate probe request. Both servers report top logprobs
+of the distribution they sample from (vLLM's processed logprobs, SGLang's tempered ones), which is the
+probe's (untempered, banned tokens masked) only for turns sampled at temperature 1 without top-k / top-p;
+other settings are refused. vLLM returns top logprobs for every generated token, not only the first (the
+server gathers and serialises k + 1 per token: keep ``tree.top_logprobs`` small, 1 for ``entropy=min``),
+and lists the sampled token first, cutting the list at the requested count: the request asks for k + 1 so
+the k largest are always complete (the server's ``--max-logprobs`` must be >= k + 1).
 """
 
 from __future__ import annotations
@@ -108,6 +117,13 @@ class ServerEngine:
     async def generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
         if len(seeds) != len(prefixes):
             raise ValueError(f"need one seed per prefix, got {len(seeds)} seeds for {len(prefixes)} prefixes")
+        if sampling.first_top_logprobs and (sampling.temperature != 1 or sampling.top_p < 1 or sampling.top_k > 0):
+            raise ValueError(
+                f"a {self.config.backend} server reports the first token's top logprobs of the distribution it "
+                "samples from, the probe's only at temperature=1, top_p=1, top_k=0; got temperature="
+                f"{sampling.temperature}, top_p={sampling.top_p}, top_k={sampling.top_k}: sample at those settings "
+                "or set tree.schedule=lockstep"
+            )
         groups: dict[tuple[tuple[int, ...], tuple[str, ...]], list[int]] = {}
         for i, prefix in enumerate(prefixes):
             groups.setdefault((prefix.token_ids, prefix.image_keys), []).append(i)
@@ -124,19 +140,24 @@ class ServerEngine:
         return list(await asyncio.gather(*(self._probe(prefix, top_k) for prefix in prefixes)))
 
     async def _generate_group(self, prefix: Prefix, n: int, sampling: SamplingParams, seed: int) -> list[Continuation]:
-        body = self._request(prefix, self._sampling(sampling, n=n, seed=seed), top_logprobs=0)
+        k = sampling.first_top_logprobs
+        # vLLM lists the sampled token first and cuts at the count asked: one more keeps the top k whole
+        asked = k + 1 if k and self.config.backend == "vllm" else k
+        body = self._request(prefix, self._sampling(sampling, n=n, seed=seed), top_logprobs=asked)
         choices, cached = self._choices(await self._post(prefix.route, body), prefix, n)
         out = []
         for i, choice in enumerate(choices):
             finish = reply_finish_reason(choice["ids"], sampling, self.eos_ids, self.tokenizer)
             if finish is None:
                 raise EngineError(f"{self.url_for(prefix.route)} returned an empty turn for {prefix.route!r}")
-            # siblings after the first are served by the same prefill
-            out.append(
-                Continuation(
-                    tuple(choice["ids"]), tuple(choice["logprobs"]), finish, cached if i == 0 else len(prefix.token_ids)
+            top = tuple(sorted(choice["top"], reverse=True)[:k])
+            if len(top) < k:
+                raise EngineError(
+                    f"{self.url_for(prefix.route)} returned {len(top)} first-token top logprobs, asked {k}"
                 )
-            )
+            # siblings after the first are served by the same prefill
+            cached_i = cached if i == 0 else len(prefix.token_ids)
+            out.append(Continuation(tuple(choice["ids"]), tuple(choice["logprobs"]), finish, cached_i, top))
         self._count(prefix, out)
         return out
 

@@ -22,6 +22,21 @@ the vanilla GRPO baseline.
 ``n*``, the strategy picks again among the candidates not yet split this round, while ``room`` lasts. Each
 pick is what the strategy would choose among those candidates; what differs is the tree's shape (the
 budget is spent at fewer, shallower turn boundaries) and the number of lockstep rounds (fewer).
+
+``schedule`` says when a split's entropies are measured. ``lockstep`` (default: the algorithm above) probes
+the candidates before the round, one batched ``probe`` call. ``folded`` (opt-in) makes no probe calls: the
+entropy of a node is the distribution of the first token after its prefix, which is the first token the
+``generate`` advancing the node samples, so every generate also returns that token's top-k logprobs
+(``SamplingParams.first_top_logprobs``) and scores the node it advances. A split needs no probe when its
+candidates are one node or the open internal nodes (all advanced, so all scored): it is taken before the
+round, as in lockstep. Any other split is taken after the round, from the same candidates (the frontier's
+nodes not split yet) with the same entropies, so the strategy picks what it would pick among them; its
+new branches (``min(k, room + 1) - 1``, ``room`` counted before the round: the chosen node's own branch
+is already in flight, so exactly N leaves result) are sampled from the chosen node's prefix in the next
+round, batched with the other branches. What differs: those branches start one round later than
+lockstep's clones. Up to the first such split the tree is lockstep's for the same seed (``high``/``low``
+make the same first compared pick); after it, the lagging clones change the frontier, so the later
+candidates, and the tree, are another sample, and a tree may need one more round to finish.
 """
 
 from __future__ import annotations
@@ -85,6 +100,12 @@ class TreeConfig:
     splits_per_round: int = 1
     """Splits one round may make (1: the paper's algorithm; 0: as many as the budget's room allows, each
     chosen by ``selection`` among the candidates not split yet this round; fewer lockstep rounds)."""
+    schedule: Literal["lockstep", "folded"] = "lockstep"
+    """``lockstep`` (the paper's): candidates without an entropy are probed before the round (one ``probe``
+    call). ``folded``: no probe calls; each generate also returns its first token's top logprobs, the
+    entropy of the node it advances, and a split that would need a probe is decided after the round among
+    the same candidates with the same entropies; its new branches start one round later (module docstring).
+    Needs an engine that answers ``first_top_logprobs`` (HF, vLLM/SGLang servers at temperature 1)."""
 
     def __post_init__(self) -> None:
         if self.budget < 1:
@@ -102,6 +123,8 @@ class TreeConfig:
             raise ValueError(f"tree.max_turns must be >= 1, got {self.max_turns}")
         if self.top_logprobs < 1:
             raise ValueError(f"tree.top_logprobs must be >= 1, got {self.top_logprobs}")
+        if self.schedule not in ("lockstep", "folded"):
+            raise ValueError(f"tree.schedule must be 'lockstep' or 'folded', got {self.schedule!r}")
         if self.splits_per_round < 0:
             raise ValueError(
                 "tree.splits_per_round must be >= 0 (1: the paper's schedule, 0: as many as the room allows), "
@@ -181,7 +204,8 @@ class NodeRecord:
     depth: int
     """Turns from the root."""
     entropy: float | None
-    """Entropy of the first token after the node (None when it was never a scored candidate)."""
+    """Entropy of the first token after the node (None when never scored: lockstep scores the candidates
+    it compares, folded every node it advances)."""
     split: bool
     """Whether branches were cloned or re-opened at this node."""
     span: tuple[int, int]
@@ -308,34 +332,55 @@ class TreeSampler:
 
         while len(leaves) < cfg.budget:
             room = cfg.budget - len(frontier) - len(leaves)
-            if room > 0:
-                in_frontier = bool(frontier)
-                candidates = list(frontier) if in_frontier else [n for n in nodes if not n.terminal]
-                t0 = time.perf_counter()
-                if len(candidates) > 1:  # a single candidate needs no entropy
-                    probes += await self._score(candidates, usage)
-                probe_time += time.perf_counter() - t0
-                picks = 0
-                while room > 0 and candidates and picks < (cfg.splits_per_round or cfg.budget):
-                    pick = self._select([n.entropy or 0.0 for n in candidates], rng) if len(candidates) > 1 else 0
-                    chosen = candidates[pick]
-                    width = cfg.width if chosen is root else cfg.branch_factor
-                    new = min(width, room + 1) - 1 if in_frontier else min(width, room)
-                    frontier += [chosen] * new
-                    if new > 0:
-                        chosen.split = True
-                        splits.append(SplitRecord(chosen.id, tuple(c.id for c in candidates), new, not in_frontier))
-                    room -= new
-                    picks += 1
-                    candidates = [c for c in candidates if c is not chosen]
+            in_frontier = bool(frontier)
+            if in_frontier:  # its nodes not split yet (folded: a split's new branches wait a round at their node)
+                candidates = [n for n in dict.fromkeys(frontier) if not n.split]
+            else:  # every branch ended: the open internal nodes, root included
+                candidates = [n for n in nodes if not n.terminal]
+            after_round = False
+            if room > 0 and candidates:
+                if len(candidates) > 1 and any(n.entropy is None for n in candidates):  # one needs no entropy
+                    if cfg.schedule == "folded":
+                        after_round = True  # this round's generates score them
+                    else:
+                        t0 = time.perf_counter()
+                        probes += await self._score(candidates, usage)
+                        probe_time += time.perf_counter() - t0
+                if not after_round:
+                    frontier += self._split(candidates, room, in_frontier, rng, splits)
             seeds = [rng.getrandbits(63) for _ in frontier]
             children = await self._advance(frontier, context, seeds, len(nodes), usage)
             rounds += 1
             nodes += children
             frontier = [c for c in children if not c.terminal]
             leaves += [c for c in children if c.terminal]
+            if after_round:  # room is unchanged: each advanced branch became one open child or one leaf
+                frontier += self._split(candidates, room, True, rng, splits)
 
         return self._finish(root, nodes, leaves, splits, probe_time, (rounds, probes), start, usage)
+
+    def _split(
+        self, candidates: list[_Node], room: int, in_frontier: bool, rng: random.Random, splits: list[SplitRecord]
+    ) -> list[_Node]:
+        """New branches (one entry per branch, at its node) of up to ``splits_per_round`` picks among
+        ``candidates``, within ``room``. A frontier node keeps its own branch (it adds ``k - 1``); a re-opened
+        internal node gets ``k`` new ones."""
+        cfg = self.config
+        added: list[_Node] = []
+        picks = 0
+        while room > 0 and candidates and picks < (cfg.splits_per_round or cfg.budget):
+            pick = self._select([n.entropy or 0.0 for n in candidates], rng) if len(candidates) > 1 else 0
+            chosen = candidates[pick]
+            width = cfg.width if chosen.parent is None else cfg.branch_factor
+            new = min(width, room + 1) - 1 if in_frontier else min(width, room)
+            added += [chosen] * new
+            if new > 0:
+                chosen.split = True
+                splits.append(SplitRecord(chosen.id, tuple(c.id for c in candidates), new, not in_frontier))
+            room -= new
+            picks += 1
+            candidates = [c for c in candidates if c is not chosen]
+        return added
 
     def _encode(self, text: str, images: Sequence[Image.Image]) -> list[int]:
         expanded = expand_image_pads(text, images, self.processor.image_processor)
@@ -360,6 +405,8 @@ class TreeSampler:
         continuations = await self._generate(frontier, seeds)
         for node, cont in zip(frontier, continuations, strict=True):
             usage.add(node.prefix, cont.cached_tokens, len(cont.token_ids))
+            if cont.first_top_logprobs and node.entropy is None:  # folded: siblings share the distribution
+                node.entropy = self._entropy(cont.first_top_logprobs)
         children = []
         for i, (parent, cont) in enumerate(zip(frontier, continuations, strict=True)):
             child = _Node(
@@ -385,7 +432,9 @@ class TreeSampler:
         groups: dict[int, list[int]] = {}
         for i, node in enumerate(frontier):
             groups.setdefault(self._turn_budget(node), []).append(i)
-        sampling = self.config.sampling
+        cfg = self.config
+        folded = cfg.schedule == "folded" and cfg.mode == "tree"  # chains never compare candidates
+        sampling = replace(cfg.sampling, first_top_logprobs=cfg.top_logprobs if folded else 0)
         results = await asyncio.gather(
             *(
                 self.engine.generate(
@@ -400,6 +449,11 @@ class TreeSampler:
         for rows, continuations in zip(groups.values(), results, strict=True):
             if len(continuations) != len(rows):
                 raise EngineError(f"engine answered {len(continuations)} continuations for {len(rows)} prefixes")
+            if folded and not all(c.first_top_logprobs for c in continuations):
+                raise EngineError(
+                    f"{type(self.engine).__name__} returned no first-token top logprobs, which "
+                    "tree.schedule=folded needs; set tree.schedule=lockstep"
+                )
             out.update(zip(rows, continuations, strict=True))
         return [out[i] for i in range(len(frontier))]
 

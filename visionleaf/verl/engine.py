@@ -14,6 +14,10 @@ What it relies on in a reply (verl 0.9.1's ``TokenOutput``):
   and the tree's reuse metrics are left out);
 - ``extra_fields["top_logprobs"]`` for an entropy probe (a request with ``top_logprobs: k``), which only
   visionleaf's replicas answer.
+
+The folded schedule (``tree.schedule=folded``: a generate that also returns its first token's top
+logprobs) is refused: verl's servers answer top logprobs only to a probe request (a generate request
+with ``top_logprobs`` would be taken for one), so the tree keeps its separate probes there.
 """
 
 from __future__ import annotations
@@ -98,6 +102,11 @@ class VerlEngine:
     async def generate(self, prefixes: list[Prefix], sampling: SamplingParams, seeds: list[int]) -> list[Continuation]:
         if len(seeds) != len(prefixes):
             raise ValueError(f"need one seed per prefix, got {len(seeds)} seeds for {len(prefixes)} prefixes")
+        if sampling.first_top_logprobs:
+            raise ValueError(
+                f"verl rollout {self.rollout_name!r} answers the first token's top logprobs only to a separate "
+                "probe request, not within a generate: set visionleaf.tree.schedule=lockstep"
+            )
         outputs = await asyncio.gather(
             *(
                 self._call(prefix, self._params(sampling, seed), probe=False)
