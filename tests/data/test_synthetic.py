@@ -16,12 +16,13 @@ from visionleaf.data.schema import Item, validate_row
 from visionleaf.data.synthetic import (
     CATEGORIES,
     PALETTE,
-    STRIPE_AMPLITUDE,
     STRIPE_CANVAS,
+    STRIPE_VIEW,
     WORDS,
     generate,
     generate_stripes,
     quadrant_box,
+    stripes_colour,
 )
 from visionleaf.protocol import image_pixel_budget
 from visionleaf.tools import ToolCall, ToolContext, run_tool
@@ -228,17 +229,18 @@ def test_stripes_rows_are_valid_and_balanced(stripe_rows: list[dict[str, Any]]) 
 
 
 def test_stripes_gap_global_view_at_chance_quadrant_crop_readable(stripe_rows, bpe_processor) -> None:
-    """The global view at the tiny model's pixel budget (the processor's smart resize) keeps where the
-    square is (its mean colour) but not its stripes; the real zoom tool's crop of the square's quadrant
-    keeps them: a pixel-statistics oracle reads ~50% from the first and 100% from the second."""
+    """The global view (as the processor passes it to the model) keeps where the square is (its mean colour)
+    but not its stripes; the real zoom tool's crop of the square's quadrant keeps them: a pixel-statistics
+    oracle reads ~50% from the first and 100% from the second."""
     min_pixels, max_pixels = image_pixel_budget(bpe_processor.image_processor)
     global_right = 0
     crop_right = {"quadrant": 0, "gt": 0}
     for row in stripe_rows:
         item = Item.from_row(row)
         answer = item.options["AB".index(item.ground_truth)]
-        original = load_image(item.image)
-        view = resize_to_budget(original, min_pixels, max_pixels)
+        original = load_image(item.original_image)
+        view = resize_to_budget(load_image(item.image), min_pixels, max_pixels)
+        assert view.size == (STRIPE_VIEW, STRIPE_VIEW)
         sx, sy = view.width / original.width, view.height / original.height
         x1, y1, x2, y2 = item.gt_boxes[0]
         global_right += _stripe_oracle(view, (x1 * sx, y1 * sy, x2 * sx, y2 * sy)) == answer
@@ -264,4 +266,4 @@ def test_stripes_gap_global_view_at_chance_quadrant_crop_readable(stripe_rows, b
 def _square_colour(row: dict[str, Any]) -> np.ndarray:
     colour = re.search(r"small (\w+) square", row["extra_info"]["question"])
     assert colour is not None
-    return np.clip(np.array(PALETTE[colour.group(1)]), STRIPE_AMPLITUDE, 255 - STRIPE_AMPLITUDE)
+    return stripes_colour(colour.group(1))

@@ -39,16 +39,31 @@ def server_engine(url, processor, model):
     return ServerEngine(ServerConfig(urls=(url,), timeout_s=120), processor.tokenizer, vocab_size=vocab)
 
 
-def test_tree_through_vllm_matches_the_model(vllm_url, model_and_processor, items):
+@pytest.mark.parametrize("schedule", ["lockstep", "folded"])
+def test_tree_through_vllm_matches_the_model(vllm_url, model_and_processor, items, schedule):
     model, processor = model_and_processor
     engine = server_engine(vllm_url, processor, model)
-    config = TreeConfig(budget=8, branch_factor=2, max_turns=3, sampling=SamplingParams(max_new_tokens=96))
+    # top_logprobs 5: the folded generate asks for 6 per token, within the serve script's --max-logprobs
+    config = TreeConfig(
+        budget=8,
+        branch_factor=2,
+        max_turns=3,
+        sampling=SamplingParams(max_new_tokens=96),
+        schedule=schedule,
+        top_logprobs=5,
+    )
     sampler = TreeSampler(engine, processor, config)
 
     async def run():
         try:
             return [
-                await sampler.sample(list(it.messages), load_image(it.image), route=f"t{it.index}", seed=it.index)
+                await sampler.sample(
+                    list(it.messages),
+                    load_image(it.image),
+                    original_image=load_image(it.original_image),
+                    route=f"t{it.index}",
+                    seed=it.index,
+                )
                 for it in items
             ]
         finally:
@@ -57,6 +72,9 @@ def test_tree_through_vllm_matches_the_model(vllm_url, model_and_processor, item
     trees = asyncio.run(run())
     all_leaves = [leaf for leaves, _ in trees for leaf in leaves]
     assert all(len(leaves) == 8 for leaves, _ in trees)
+    if schedule == "folded":
+        assert all(record.metrics["probe_calls"] == 0 for _, record in trees)
+        assert any(len(s.candidates) > 1 for _, record in trees for s in record.splits)
     assert max(len(leaf.images) for leaf in all_leaves) >= 2, "a crop must have gone through the server"
     assert engine.stats.cached_tokens > 0
     # Every token vLLM sampled has the logprob our model gives it (float32 kernels differ slightly).

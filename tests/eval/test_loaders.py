@@ -5,6 +5,7 @@ import pytest
 
 from tests.eval.fixtures import HR_COLUMNS, b64, hrbench_rows, two_squares, write_tsv, write_vstar_release
 from visionleaf.data import generate
+from visionleaf.data.synthetic import STRIPE_VIEW, generate_stripes
 from visionleaf.eval.loaders import load_benchmark
 
 
@@ -181,3 +182,18 @@ def test_synthetic_parquet(tmp_path):
     assert item.gt_boxes and item.category in ("Attribute", "Position")
     bad = load_benchmark("synthetic", tmp_path / "bad.parquet")
     assert len(bad.items) == 3 and [(i.index, i.field) for i in bad.issues] == [("1", "reward_model.ground_truth")]
+
+
+def test_synthetic_stripes_rows_carry_their_global_view(tmp_path):
+    generate_stripes(tmp_path, 2, seed=1, split="test")
+    loaded = load_benchmark("synthetic", tmp_path / "test.parquet")
+    for item in loaded.items:
+        view, original = item.load_view(), item.load_image()
+        assert view is not None and view.size == (STRIPE_VIEW, STRIPE_VIEW) and original.width >= 1792
+    (plain,) = load_benchmark("synthetic", generate_plain(tmp_path / "plain")).items
+    assert plain.view is None and plain.load_view() is None
+
+
+def generate_plain(out):
+    generate(out, 1, seed=1, split="test", min_size=256, max_size=320)
+    return out / "test.parquet"

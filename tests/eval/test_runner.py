@@ -247,3 +247,17 @@ def test_a_question_that_cannot_run_is_reported_not_fatal(tmp_path, bpe_processo
         config(tmp_path / "tight", max_context_tokens=50), ScriptedVisionEngine(bpe_processor), bpe_processor, items[:1]
     )
     assert "max_context_tokens" in tight.summary["variants"]["pred"]["errors"][0]["error"]
+
+
+def test_a_prepared_global_view_is_what_the_model_sees(tmp_path, bpe_processor):
+    """An item with its own global view (a synthetic row whose image is not the original) shows that view;
+    crops still come from the original."""
+    view = tmp_path / "view.png"
+    Image.new("RGB", (112, 56), (0, 128, 0)).save(view)
+    (item,) = squares_items(1)
+    item = EvalItem(**{**item.__dict__, "view": str(view)})
+    result = evaluate(config(tmp_path), ScriptedVisionEngine(bpe_processor), bpe_processor, [item])
+    record = result.records[0]
+    assert record["view_size"] == [112, 56] and record["image_size"] == [640, 400]
+    thumbnail = np.asarray(Image.open(next((Path(result.out) / "images").iterdir())).convert("RGB"), dtype=float)
+    assert np.abs(thumbnail - (0, 128, 0)).max() < 8  # the report shows the view the model saw

@@ -1,12 +1,13 @@
+import collections
 import itertools
 import random
 
 import torch
 
 from visionleaf.data import Item, generate
-from visionleaf.data.synthetic import generate_stripes, quadrant_box
+from visionleaf.data.synthetic import STRIPE_VIEW, generate_stripes, quadrant_box
 from visionleaf.models import tiny
-from visionleaf.models.warmup import format_warmup, transcript
+from visionleaf.models.warmup import STRIPES_MAX_ZOOMS, format_warmup, transcript
 from visionleaf.tools import parse_turn
 
 
@@ -36,26 +37,50 @@ def test_warmup_lowers_the_loss_and_changes_parameters(tmp_path, bpe_processor):
     assert not model.training
 
 
-def test_stripes_transcripts_zoom_into_quadrants_and_read_the_crop(tmp_path, bpe_processor):
+def test_stripes_transcripts_search_the_quadrants_and_read_the_crop(tmp_path, bpe_processor):
+    """A ``stripes`` transcript zooms into quadrants one at a time (never one twice); a crop with the square is
+    read right away; a crop without it is followed by another zoom or a guess."""
     items = [Item.from_row(row) for row in generate_stripes(tmp_path, 6, seed=1)]
     rng = random.Random(0)
     tokenizer = bpe_processor.tokenizer
-    quadrants = {tuple(quadrant_box(q, (224, 224))) for q in range(4)}
-    zooms = own = 0
-    for item in itertools.islice(itertools.cycle(items), 40):
+    boxes = [tuple(quadrant_box(q, (STRIPE_VIEW, STRIPE_VIEW))) for q in range(4)]
+    zooms, found, first_own = collections.Counter(), 0, 0
+    for item in itertools.islice(itertools.cycle(items), 120):
         truth = item.options["AB".index(item.ground_truth)]
+        own = boxes[item_quadrant(item)]
         traj = transcript(item, rng, bpe_processor)
         model_text = tokenizer.decode([t for t, m in zip(traj.response_ids, traj.response_mask, strict=True) if m])
         turns = [parse_turn(t) for t in model_text.split("<|im_end|>") if t]
         assert turns[-1].answer in item.options and not any(t.problems for t in turns)
-        if len(turns) == 1:
-            continue
-        zooms += 1
-        box = tuple(turns[0].tool_calls[0].arguments["bbox_2d"])
-        assert box in quadrants and len(traj.images) == 2
-        x1, y1, x2, y2 = item.gt_boxes[0]  # original pixels; the global view is 224 x 224
-        scale = 224 / item.original_size[0]
-        if box[0] <= x1 * scale and x2 * scale <= box[2] and box[1] <= y1 * scale and y2 * scale <= box[3]:
-            own += 1
+        visited = [tuple(t.tool_calls[0].arguments["bbox_2d"]) for t in turns[:-1]]
+        assert len(traj.images) == 1 + len(visited) and len(set(visited)) == len(visited) <= STRIPES_MAX_ZOOMS
+        assert all(box in boxes for box in visited) and own not in visited[:-1]  # the search stops at the square
+        zooms[len(visited)] += 1
+        if visited and visited[-1] == own:
+            found += 1
+            first_own += visited[0] == own
             assert turns[-1].answer == truth  # the crop holds the square: its stripes are read
-    assert 24 <= zooms <= 39 and 5 <= own < zooms  # most transcripts zoom; some, not all, into the right quadrant
+    assert set(zooms) == {0, 1, 2, 3} and 12 <= zooms[0] <= 36  # STRIPES_TOOL_RATE: 80% zoom
+    assert 0.15 <= first_own / sum(zooms[k] for k in (1, 2, 3)) <= 0.4  # the first zoom: any quadrant
+    assert found < sum(zooms[k] for k in (1, 2, 3))  # some searches give up and guess
+
+
+def item_quadrant(item: Item) -> int:
+    x1, y1, x2, y2 = item.gt_boxes[0]
+    width, height = item.original_size
+    return int((x1 + x2) / 2 >= width / 2) + 2 * int((y1 + y2) / 2 >= height / 2)
+
+
+def test_reading_phase_runs_first_on_its_own_schedule(tmp_path, bpe_processor):
+    items = [Item.from_row(row) for row in generate_stripes(tmp_path, 2, seed=2)]
+    model = tiny.build_model(bpe_processor.tokenizer, seed=0)
+    assert len(format_warmup(model, bpe_processor, items, steps=3, reading_steps=2)) == 5
+
+
+def test_reading_phase_zooms_straight_into_the_square(tmp_path, bpe_processor):
+    items = [Item.from_row(row) for row in generate_stripes(tmp_path, 4, seed=2)]
+    rng = random.Random(0)
+    for item in itertools.islice(itertools.cycle(items), 12):
+        traj = transcript(item, rng, bpe_processor, tool_rate=1.0, localise=1.0)
+        text = bpe_processor.tokenizer.decode(traj.response_ids)
+        assert len(traj.images) == 2 and "The stripes are" in text and "not here" not in text

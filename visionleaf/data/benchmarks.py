@@ -61,10 +61,17 @@ class BenchmarkItem:
     """HR-Bench ``cycle_category`` (the option cycle this row holds)."""
     gt_boxes: tuple[Box, ...] = ()
     """Ground-truth boxes in original pixels, smallest first (empty when the release has none)."""
+    view: str | None = field(default=None, repr=False)
+    """A prepared global view (a synthetic row that carries its own); None: the global view is ``image``
+    downsampled to the eval's ``global_max_pixels``."""
 
     def load_image(self) -> Image.Image:
         """The image as RGB (:func:`visionleaf.data.load_image`)."""
         return load_image(self.image)
+
+    def load_view(self) -> Image.Image | None:
+        """The prepared global view as RGB, or None when the item has none."""
+        return None if self.view is None else load_image(self.view)
 
 
 @dataclass(frozen=True)

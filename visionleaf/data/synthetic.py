@@ -16,9 +16,9 @@ V*-like difficulty (4k-8k px canvases, about 5 s per item on one core)::
         --min-size 4096 --max-size 8192 --split test
 
 The ``stripes`` task (:func:`generate_stripes`, the CPU main job's data) has an information gap by
-construction: one coloured square whose stripes (period :data:`STRIPE_PERIOD` px) vanish when the
-1.8k-2k px canvas is resized to the tiny model's 64-token global view, but survive in a crop of the
-quadrant that holds it. The square's mean colour is the same for both orientations, so the global view
+construction: one coloured square whose stripes (period :data:`STRIPE_PERIOD` px) vanish in the
+56 x 56 px global view of the 1.8k-2k px canvas (4 visual tokens), but survive in a crop of the quadrant
+that holds it (64 tokens). The square's mean colour is the same for both orientations, so the global view
 shows where to zoom but not the answer::
 
     python -m visionleaf.data.synthetic --task stripes --out data/stripes --n 64 --seed 0
@@ -276,14 +276,16 @@ def _row(
     size: tuple[int, int],
     category: str,
     tools: Sequence[Any],
+    view: Path | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    """One row of a synthetic set: the image at ``path`` is both the global view and the original."""
+    """One row of a synthetic set: the image at ``path`` is the original, and the global view unless
+    ``view`` is given."""
     text = multiple_choice_text(question.stem, question.options)
     return {
         "data_source": DATA_SOURCE,
         "prompt": build_messages(text, tools),
-        "images": [{"image": str(path)}],
+        "images": [{"image": str(view or path)}],
         "ability": "visual_search",
         "reward_model": {"style": "rule", "ground_truth": OPTION_LETTERS[question.options.index(question.answer)]},
         "extra_info": {
@@ -339,16 +341,20 @@ def generate(
     return rows
 
 
-STRIPE_PERIOD = 6
-"""Stripe period of the ``stripes`` task, px of the original: gone at the tiny global view's 7-9x
-downsampling, readable in a quadrant crop (about 4x)."""
+STRIPE_PERIOD = 28
+"""Stripe period of the ``stripes`` task, px of the original: under one pixel in the global view (about 32-37x
+smaller), 6-7 px in a quadrant crop (about 4-4.6x smaller), which the tiny vision tower reads."""
 STRIPE_CANVAS = (1792, 2048)
-"""Side range of the square canvases of the ``stripes`` task, px (multiples of 32: the tiny model's global
-view is always 224 x 224, so the quadrant boxes are the same four in every image)."""
-STRIPE_FILL = (0.5, 0.7)
-"""Side of the striped square as a share of its quadrant's side: a large block in the global view, and most
-of a quadrant crop (the tiny model learns a whole-crop texture; a small object among background it does not)."""
-STRIPE_AMPLITUDE = 48
+"""Side range of the square canvases of the ``stripes`` task, px (multiples of 32)."""
+STRIPE_VIEW = 56
+"""Side of the ``stripes`` global view, px: 2 x 2 visual tokens, the tiny processor's smallest image (LFPC's
+low-budget global view). Crops come from the original at the processor's full budget (up to 224 x 224)."""
+VIEW_NOISE = 3
+"""Pixel noise of the ``stripes`` global view, +- levels (see :func:`_stripes_view`)."""
+STRIPE_FILL = (0.75, 0.88)
+"""Side of the striped square as a share of its quadrant's side: a coloured block in the global view, and
+most of a quadrant crop (the tiny model reads a whole-crop texture; a small object among background it does not)."""
+STRIPE_AMPLITUDE = 80
 """Brightness swing of the stripes around the square's colour (both orientations share the mean)."""
 STRIPE_COLOURS = ("red", "green", "blue", "yellow", "orange", "purple")
 STRIPE_OPTIONS = ("horizontal", "vertical")
@@ -371,6 +377,11 @@ def _grey_background(rng: np.random.Generator, width: int, height: int) -> np.nd
     return np.array(Image.fromarray(coarse).resize((width, height), Image.Resampling.BILINEAR))
 
 
+def stripes_colour(colour: str) -> np.ndarray:
+    """Mean RGB of a ``colour`` striped square ([3]; the stripes swing :data:`STRIPE_AMPLITUDE` around it)."""
+    return np.clip(np.array(PALETTE[colour]), STRIPE_AMPLITUDE, 255 - STRIPE_AMPLITUDE)
+
+
 def _stripes_item(rng: np.random.Generator, width: int, height: int) -> tuple[Image.Image, _Question, Box, int]:
     """One ``stripes`` canvas: its question, the square's tight box and the quadrant that holds it."""
     quarter = min(width, height) // 2
@@ -387,13 +398,22 @@ def _stripes_item(rng: np.random.Generator, width: int, height: int) -> tuple[Im
     phase = int(rng.integers(STRIPE_PERIOD))
     along = (np.arange(side) + phase) // (STRIPE_PERIOD // 2) % 2 * 2 - 1  # [side], +-1
     wave = along[None, :] if orientation == "vertical" else along[:, None]  # [1, side] or [side, 1]
-    base = np.clip(np.array(PALETTE[colour]), STRIPE_AMPLITUDE, 255 - STRIPE_AMPLITUDE)  # [3]
+    base = stripes_colour(colour)  # [3]
     tile = base[None, None, :] + STRIPE_AMPLITUDE * np.broadcast_to(wave, (side, side))[..., None]  # [s, s, 3]
     canvas = _grey_background(rng, width, height)  # [H, W, 3]
     canvas[y1 : y1 + side, x1 : x1 + side] = tile.astype(np.uint8)
     options = [STRIPE_OPTIONS[i] for i in rng.permutation(2)]
     question = _Question(f"Are the stripes on the small {colour} square horizontal or vertical?", options, orientation)
     return Image.fromarray(canvas), question, (float(x1), float(y1), float(x1 + side), float(y1 + side)), quadrant
+
+
+def _stripes_view(canvas: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """The global view: ``canvas`` resized to :data:`STRIPE_VIEW` px with +-:data:`VIEW_NOISE` levels of
+    pixel noise, which buries what is left of the stripes (a fraction of a level, but all along one axis:
+    a pixel-exact reader would pick that up)."""
+    view = np.asarray(canvas.resize((STRIPE_VIEW, STRIPE_VIEW), Image.Resampling.BICUBIC), dtype=np.int16)
+    noise = rng.integers(-VIEW_NOISE, VIEW_NOISE + 1, size=view.shape)
+    return Image.fromarray(np.clip(view + noise, 0, 255).astype(np.uint8))
 
 
 def generate_stripes(
@@ -405,23 +425,38 @@ def generate_stripes(
 ) -> list[dict[str, Any]]:
     """Write ``n`` ``stripes`` items (see the module docstring) like :func:`generate`; return the rows.
 
-    ``extra_info.quadrant`` names the quadrant that holds the square (see :func:`quadrant_box`).
+    Each row's image is the :data:`STRIPE_VIEW` px global view (``views/``); ``extra_info.original_image`` is
+    the full canvas (``images/``) the zoom tool crops. ``extra_info.quadrant`` names the quadrant that holds
+    the square (see :func:`quadrant_box`).
     """
     if n < 1:
         raise ValueError(f"n must be >= 1, got {n}")
     tools = [get_tool(name) for name in tool_names]
     out = Path(out_dir).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "views").mkdir(parents=True, exist_ok=True)
     rows = []
     for index in range(n):
         rng = np.random.default_rng([seed, zlib.crc32(f"stripes/{split}".encode()), index])
         width = height = 32 * int(rng.integers(STRIPE_CANVAS[0] // 32, STRIPE_CANVAS[1] // 32 + 1))
         canvas, question, tight, quadrant = _stripes_item(rng, width, height)
-        path = out / "images" / f"{split}_{index:06d}.png"
-        canvas.save(path, format="PNG", compress_level=1)
+        name = f"{split}_{index:06d}.png"
+        canvas.save(out / "images" / name, format="PNG", compress_level=1)
+        _stripes_view(canvas, rng).save(out / "views" / name, format="PNG")
         tight_int = (int(tight[0]), int(tight[1]), int(tight[2]), int(tight[3]))
         rows.append(
-            _row(index, split, path, question, tight_int, (width, height), STRIPES_CATEGORY, tools, quadrant=quadrant)
+            _row(
+                index,
+                split,
+                out / "images" / name,
+                question,
+                tight_int,
+                (width, height),
+                STRIPES_CATEGORY,
+                tools,
+                view=out / "views" / name,
+                quadrant=quadrant,
+            )
         )
     write_parquet(rows, out / f"{split}.parquet")
     return rows

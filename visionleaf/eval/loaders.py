@@ -63,6 +63,7 @@ def load_synthetic(path: Path) -> Loaded:
             category=item.category.split("/")[0].capitalize(),
             subcategory=item.category,
             gt_boxes=item.gt_boxes,
+            view=item.image if item.image != item.original_image else None,
         )
 
     return collect_items(((str(i), r) for i, r in enumerate(pq.read_table(file).to_pylist())), parse)

@@ -299,9 +299,10 @@ class _Run:
         }
         try:
             original = await asyncio.to_thread(item.load_image)
+            prepared = await asyncio.to_thread(item.load_view)
         except ImageLoadError as exc:
             return {**base, "error": str(exc), "score": 0.0}
-        view = global_view(original, cfg.global_max_pixels)
+        view = global_view(prepared or original, cfg.global_max_pixels)
         self._thumbnail(item.qid, view)
         seed = question_seed(cfg.seed, item.qid)
         source: Image.Image = original

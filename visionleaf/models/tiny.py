@@ -118,7 +118,7 @@ _BPE_SENTENCES = (
     '{"bbox_2d": [112, 112, 224, 224]} '
 )
 
-WARMUP_ITEMS = 48
+WARMUP_ITEMS = 128
 """``stripes`` items (split ``warmup``, never trained or validated on) the format warm-up draws from."""
 
 TINY_TEXT = {
@@ -270,12 +270,14 @@ def build(
     seed: int = 0,
     warmup_steps: int = 0,
     text_config: Mapping[str, Any] | None = None,
+    reading_steps: int = 0,
 ) -> Path:
     """Build the tiny model, tokenizer and processor and save them to ``out``; returns the path.
 
     ``warmup_steps`` > 0 runs :func:`visionleaf.models.warmup.format_warmup` on transcripts of
     :data:`WARMUP_ITEMS` ``stripes`` items first, so the model writes protocol-shaped turns (quadrant zooms
-    included) and reads stripes off a crop some of the time, instead of writing noise.
+    included) and reads stripes off a crop, instead of writing noise; ``reading_steps`` > 0 runs its reading
+    phase first.
     """
     out_dir = Path(out)
     tokenizer = build_tokenizer(vocab)
@@ -290,7 +292,7 @@ def build(
         with tempfile.TemporaryDirectory() as tmp:
             rows = generate_stripes(tmp, WARMUP_ITEMS, seed=seed, split="warmup")
             items = [Item.from_row(row) for row in rows]
-            losses = format_warmup(model, processor, items, steps=warmup_steps, seed=seed)
+            losses = format_warmup(model, processor, items, steps=warmup_steps, seed=seed, reading_steps=reading_steps)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -298,6 +300,7 @@ def build(
         "vocab": vocab,
         "seed": seed,
         "warmup_steps": warmup_steps,
+        "reading_steps": reading_steps if warmup_steps > 0 else 0,
         "warmup_task": "stripes" if warmup_steps > 0 else None,
         "warmup_final_loss": losses[-1] if losses else None,
     }
@@ -321,8 +324,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--warmup-steps", type=int, default=0, help="format warm-up steps on synthetic transcripts (0: random model)"
     )
+    parser.add_argument(
+        "--reading-steps", type=int, default=0, help="reading phase before the warm-up (stripes crops only)"
+    )
     args = parser.parse_args(argv)
-    path = build(args.out, vocab=args.vocab, seed=args.seed, warmup_steps=args.warmup_steps)
+    path = build(
+        args.out, vocab=args.vocab, seed=args.seed, warmup_steps=args.warmup_steps, reading_steps=args.reading_steps
+    )
     print(f"tiny Qwen2.5-VL ({args.vocab} vocab, seed {args.seed}, {args.warmup_steps} warm-up steps) saved to {path}")
 
 

@@ -34,8 +34,11 @@ inherit them), then verl's (``ppo_trainer`` and its groups). The entry adds it t
 not in the YAML: Hydra reads ``hydra.searchpath`` from the primary config only and refuses it in an
 inherited one, so ``deepeyes_chain`` (which inherits ``visionleaf_qwen25vl_7b``) could not compose."""
 
-TINY_WARMUP_STEPS = 600
-"""Format warm-up of the tiny model, so it writes protocol-shaped turns from the first step."""
+TINY_READING_STEPS = 600
+"""Reading phase of the tiny model's warm-up: every transcript zooms into the square's quadrant and reads it."""
+TINY_WARMUP_STEPS = 1500
+"""Format warm-up of the tiny model after its reading phase, so it writes protocol-shaped turns from the first
+step, zooms into the right quadrant about half of the time and sometimes answers without zooming."""
 
 DATA_SIZES = {"train": 64, "test": 16}
 """Synthetic items per split when the data must be built."""
@@ -64,8 +67,9 @@ def prepare(config: DictConfig) -> None:
     if options.get("build_tiny_model") and not (model_dir / "config.json").exists():
         from visionleaf.models import tiny
 
-        print(f"building the tiny Qwen2.5-VL in {model_dir} ({TINY_WARMUP_STEPS} warm-up steps, ~2 min)")
-        tiny.build(model_dir, vocab="bpe", seed=0, warmup_steps=TINY_WARMUP_STEPS)
+        steps = TINY_READING_STEPS + TINY_WARMUP_STEPS
+        print(f"building the tiny Qwen2.5-VL in {model_dir} ({steps} warm-up steps, ~3 min)")
+        tiny.build(model_dir, vocab="bpe", seed=0, warmup_steps=TINY_WARMUP_STEPS, reading_steps=TINY_READING_STEPS)
     for split, files in (("train", config.data.train_files), ("test", config.data.val_files)):
         path = Path(files)
         if path.exists():
@@ -89,7 +93,7 @@ def prepare(config: DictConfig) -> None:
 
 @dataclass(frozen=True)
 class Measured:
-    """One model on the held-out split (``visionleaf.eval``, sampled at temperature 1)."""
+    """One model on the held-out split (``visionleaf.eval``, sampled at the validation temperature)."""
 
     accuracy: float
     """Mean correctness of the leaves, in [0, 1]."""
@@ -120,7 +124,7 @@ def measure(model_dir: Path, processor_dir: Path, config: DictConfig, out: Path,
         data=str(config.data.val_files),
         out=str(out),
         samples=samples,
-        temperature=1.0,
+        temperature=float(config.actor_rollout_ref.rollout.val_kwargs.temperature),
         max_turns=int(tree.max_turns),
         max_new_tokens=int(tree.sampling.max_new_tokens),
         max_response_tokens=int(config.data.max_response_length),
