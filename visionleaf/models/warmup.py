@@ -59,7 +59,6 @@ class _StripesViews:
     """What a ``stripes`` transcript shows: the global view at the processor's size and each quadrant's zoom."""
 
     view: Image.Image
-    size: tuple[int, int]
     zooms: tuple[Observation, ...]
     """The zoom tool's observation of quadrant 0-3 (see :func:`quadrant_box`)."""
 
@@ -73,7 +72,7 @@ def _stripes_views(view_path: str, original_path: str, min_pixels: int, max_pixe
         run_tool(ToolCall("image_zoom_in_tool", {"bbox_2d": list(quadrant_box(q, view.size))}), context)
         for q in range(4)
     )
-    return _StripesViews(view, view.size, zooms)
+    return _StripesViews(view, zooms)
 
 
 def _stripes_transcript(
@@ -96,7 +95,7 @@ def _stripes_transcript(
     turns: list[tuple[str, list[Image.Image] | None, str]] = []
     thought = ""
     for quadrant in order[:STRIPES_MAX_ZOOMS]:
-        call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": list(quadrant_box(quadrant, views.size))}}
+        call = {"name": "image_zoom_in_tool", "arguments": {"bbox_2d": list(quadrant_box(quadrant, views.view.size))}}
         zoom = (
             f"<think>{thought}Let me zoom in on the {QUADRANT_NAMES[quadrant]}.</think>"
             f"<tool_call>{json.dumps(call)}</tool_call>{IM_END}"
